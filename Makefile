@@ -5,14 +5,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet -c constraints.txt
 PORT   ?= 3000
+EXTRAS ?= cpu,train,dev
+BENTOML := $(VENV)/bin/bentoml
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts clean
+.PHONY: install test lint artifacts serve loadtest bentomodels clean
 
+# The Dockerfile runs this same target (VENV=/opt/venv EXTRAS=cpu), so CI exercises its install path.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[cpu,train,dev]'
+	$(PIP) -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +32,22 @@ artifacts: install
 	$(PY) -m models.train --background --name digit-detector
 	$(PY) -m export --arch lenet5-relu --weights artifacts/lenet5.pt --int8
 	$(PY) -m export --arch lenet5-relu --weights artifacts/digit-detector.pt
+
+# Train and export the default models only when the store lacks them; then serve.
+serve: install
+	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
+	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+	$(BENTOML) serve service.service:ConvServe --port $(PORT)
+
+# Against a running server on 127.0.0.1:$(PORT): bounded, headless; CSV + HTML under results/.
+LOADTEST_ARGS ?= --scenario mixed --users 32 --run-time 30
+loadtest: install
+	$(PY) -m loadtest.run --host http://127.0.0.1:$(PORT) $(LOADTEST_ARGS) --out results/loadtest
+
+# The stored models as files, for baking into the Docker image (see the Dockerfile).
+bentomodels: install
+	$(BENTOML) models export lenet5:latest artifacts/lenet5.bentomodel
+	$(BENTOML) models export digit-detector:latest artifacts/digit-detector.bentomodel
 
 clean:
 	rm -rf $(VENV) artifacts results .pytest_cache

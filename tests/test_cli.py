@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import PYTHON, ROOT
 
-from models import build
+from models.registry import build
 
 
 def _run(*args):

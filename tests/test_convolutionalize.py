@@ -9,8 +9,8 @@ import torch
 from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import crops_logits, relative_diff
-from models import build, get_arch
 from models.cli import load_weights
+from models.registry import build, get_arch
 
 ARCHS = ["lenet5-relu", "lenet5-classic", "allconv", "alexnet"]
 

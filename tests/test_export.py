@@ -14,7 +14,7 @@ from export.card import read_embedded
 from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import VerificationError, export_onnx, session, verify
-from models import build
+from models.registry import build
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from export.convolutionalize import convolutionalize
 from export.geometry import geometry
-from models import build, get_arch
+from models.registry import build, get_arch
 
 EXPECTED = {  # arch: (stride, receptive field, receptive-field offset, exact)
     "lenet5-relu": (4, 28, 0, True),

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import build, get_arch, list_archs
 from models.alexnet import AlexNet
 from models.allconv import AllConvNet
+from models.registry import build, get_arch, list_archs
 
 # torchvision.models.alexnet().state_dict(): key → shape, pinned here so torchvision is not needed.
 TORCHVISION_ALEXNET = {

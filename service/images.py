@@ -1,0 +1,94 @@
+"""Bytes → validated PIL image → normalized float32 tensor, as the model card says.
+
+Every failure is a ServiceError whose message says what to change. The pixel count is checked from
+the header, before any decoding, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import ServiceError
+
+FORMATS = ["PNG", "JPEG", "BMP", "TIFF", "WEBP"]
+# Modes we convert from. Others (CMYK, 16/32-bit integer, float) have no single right conversion to
+# 8-bit pixels, so we ask the client to convert instead of guessing.
+MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
+
+# We enforce our own pixel limit before decoding; PIL's own check would raise mid-way.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
+    """Open and fully decode one image file, refusing anything we cannot serve correctly."""
+    if not data:
+        raise ServiceError(422, f"{name} is empty", "invalid_image")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ServiceError(415, f"{name} is not an image in a supported format "
+                                f"({', '.join(FORMATS)})", "unsupported_image") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt header raises many types
+        raise ServiceError(422, f"{name} could not be read: {e}", "invalid_image") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ServiceError(413, f"{name} is {width}×{height} = {width * height} pixels, over the limit "
+                                f"of {max_pixels}; downscale it", "image_too_large")
+    if image.mode not in MODES:
+        raise ServiceError(415, f"{name} has pixel mode {image.mode!r}; send 8-bit greyscale or RGB(A)",
+                           "unsupported_mode")
+    try:
+        # Truncated data raises (ImageFile.LOAD_TRUNCATED_IMAGES stays False). No warnings-as-errors
+        # here: warning filters are process-wide and this runs beside the event loop's threads.
+        image.load()
+    except Exception as e:  # noqa: BLE001
+        raise ServiceError(422, f"{name} is truncated or corrupt ({e}); send the whole file",
+                           "invalid_image") from None
+    return image
+
+
+def decode_base64(text: str, max_pixels: int, name: str) -> Image.Image:
+    try:
+        data = base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(422, f"{name} is not valid base64", "invalid_image") from None
+    return decode(data, max_pixels, name)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to the model's mode; transparent pixels become black (MNIST's paper colour)."""
+    if image.mode in ("LA", "PA", "RGBA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(flat, rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def normalize(pixels: np.ndarray, card_input: dict, invert: bool = False) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) → float32 (C, H, W): x = (pixel·scale − mean) / std."""
+    x = pixels.astype(np.float32)
+    if invert:
+        x = 255.0 - x
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    mean = np.asarray(card_input["mean"], np.float32)[:, None, None]
+    std = np.asarray(card_input["std"], np.float32)[:, None, None]
+    return (x * np.float32(card_input["scale"]) - mean) / std
+
+
+def window_tensor(image: Image.Image, card_input: dict, invert: bool = False) -> np.ndarray:
+    """An image for classification: card mode, resized to the window, normalized → (C, h, w)."""
+    size = (card_input["width"], card_input["height"])
+    image = to_mode(image, card_input["mode"])
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return normalize(np.asarray(image), card_input, invert)
+
+
+def full_tensor(image: Image.Image, card_input: dict, invert: bool = False) -> np.ndarray:
+    """An image for dense scoring: card mode at its own size, normalized → (C, H, W)."""
+    return normalize(np.asarray(to_mode(image, card_input["mode"])), card_input, invert)

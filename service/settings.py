@@ -1,0 +1,45 @@
+"""Service settings, read once from CONVSERVE_* environment variables (pydantic-settings).
+
+    CONVSERVE_MODELS=lenet5,digit-detector CONVSERVE_MAX_BATCH_SIZE=64 bentoml serve service.service:ConvServe
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_")
+
+    models: str = Field("lenet5,digit-detector",
+                        description="store tags to serve, comma-separated (name or name:version); "
+                                    "the first is /classify's default")
+    workers: int = Field(1, ge=1, description="server processes (each loads every model)")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per worker; 0 = cores / workers")
+    providers: str = Field("auto", pattern="^(auto|cpu|cuda)$",
+                           description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    cuda_device: int = Field(0, ge=0)
+    cuda_mem_limit_gb: float = Field(8.0, gt=0, description="CUDA arena limit per model")
+    max_batch_size: int = Field(64, ge=1, description="images per onnxruntime call in /classify")
+    batch_wait_ms: float = Field(0.0, ge=0,
+                                 description="extra wait for a batch to fill; 0 = run as soon as the "
+                                             "model is free (batches still grow under load)")
+    max_images: int = Field(64, ge=1, description="images in one /classify request")
+    max_top_k: int = Field(20, ge=1)
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description="HTTP body limit (413 above)")
+    max_image_pixels: int = Field(64 * 2**20, ge=1, description="decoded pixels per image (413 above)")
+    min_classify_side: int = Field(8, ge=1, description="smallest image side /classify accepts")
+    warmup_rounds: int = Field(3, ge=1, description="warm-up passes per model and shape before ready")
+    timeout_s: int = Field(60, ge=1, description="per-request timeout (504 above)")
+    max_concurrency: int = Field(256, ge=1, description="requests in flight per worker (429 above)")
+
+    @property
+    def model_tags(self) -> list[str]:
+        return [tag.strip() for tag in self.models.split(",") if tag.strip()]
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
