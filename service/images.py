@@ -52,12 +52,12 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     return image
 
 
-def decode_base64(text: str, max_pixels: int, name: str) -> Image.Image:
+def from_base64(text: str, name: str) -> bytes:
+    """Base64 (or a data: URL) → bytes."""
     try:
-        data = base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
+        return base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError):
         raise ServiceError(422, f"{name} is not valid base64", "invalid_image") from None
-    return decode(data, max_pixels, name)
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:

@@ -134,17 +134,22 @@ class ConvServe:
                                          for k in ks]}
             for (name, _), p, ks in zip(decoded, probs, top, strict=True)]}
 
-    def _check_count(self, n: int) -> None:
-        if n == 0:
+    def _decode_many(self, files: list[tuple[str, bytes]]) -> list[tuple[str, Any]]:
+        """(name, bytes) → (name, image) for /classify, refusing too many or too small images."""
+        if not files:
             raise ServiceError(422, "no image sent: attach one or more files as `image`", "no_image")
-        if n > settings.max_images:
-            raise ServiceError(413, f"{n} images in one request, over the limit of "
+        if len(files) > settings.max_images:
+            raise ServiceError(413, f"{len(files)} images in one request, over the limit of "
                                     f"{settings.max_images}; split the request", "too_many_images")
-
-    def _check_side(self, image, name: str) -> None:
-        if min(image.size) < settings.min_classify_side:
-            raise ServiceError(422, f"{name} is {image.size[0]}×{image.size[1]}; /classify needs sides "
-                                    f"of at least {settings.min_classify_side} px", "image_too_small")
+        decoded = []
+        for name, data in files:
+            image = images.decode(data, settings.max_image_pixels, name)
+            if min(image.size) < settings.min_classify_side:
+                raise ServiceError(422, f"{name} is {image.size[0]}×{image.size[1]}; /classify needs "
+                                        f"sides of at least {settings.min_classify_side} px",
+                                   "image_too_small")
+            decoded.append((name, image))
+        return decoded
 
     @bentoml.api
     async def classify(
@@ -157,14 +162,8 @@ class ConvServe:
         """Classify one or more images (multipart field `image`, repeatable). Each is converted to the
         model's colour mode and resized to its window. `invert` for dark ink on light paper."""
         try:
-            self._check_count(len(image))
-            decoded = []
-            for i, path in enumerate(image):
-                name = upload_name(Path(path), i)
-                im = images.decode(Path(path).read_bytes(), settings.max_image_pixels, name)
-                self._check_side(im, name)
-                decoded.append((name, im))
-            return await self._classify(decoded, model, top_k, invert)
+            files = [(upload_name(Path(p), i), Path(p).read_bytes()) for i, p in enumerate(image)]
+            return await self._classify(self._decode_many(files), model, top_k, invert)
         except ServiceError as e:
             return e.response()
 
@@ -178,14 +177,9 @@ class ConvServe:
     ) -> Any:
         """The same as /classify for clients that cannot send multipart: JSON with base64 images."""
         try:
-            self._check_count(len(images_b64))
-            decoded = []
-            for i, text in enumerate(images_b64):
-                name = f"images_b64[{i}]"
-                im = images.decode_base64(text, settings.max_image_pixels, name)
-                self._check_side(im, name)
-                decoded.append((name, im))
-            return await self._classify(decoded, model, top_k, invert)
+            names = [f"images_b64[{i}]" for i in range(len(images_b64))]
+            files = [(n, images.from_base64(t, n)) for n, t in zip(names, images_b64, strict=True)]
+            return await self._classify(self._decode_many(files), model, top_k, invert)
         except ServiceError as e:
             return e.response()
 
