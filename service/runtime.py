@@ -97,7 +97,8 @@ class ServedModel:
         self.shapes_warmed = [list(s) for s in shapes]
 
     def describe(self) -> dict:
-        return {**self.card, "tag": self.tag, "provider": self.provider, "warmup_ms": self.warmup_ms}
+        return {**self.card, "tag": self.tag, "provider": self.provider, "warmup_ms": self.warmup_ms,
+                "warmed_shapes": self.shapes_warmed}
 
 
 def check_store(tags: list[str]) -> None:
