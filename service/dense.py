@@ -12,7 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
+from service import images
+
+BACKGROUND = "background"  # the label a detector gives to "no object here"
 Run = Callable[[np.ndarray], np.ndarray]  # (1, C, H, W) → (1, K, h, w), cropped to in-image cells
 
 
@@ -132,8 +136,8 @@ def candidates(m: Map, labels: list[str], threshold: float, classes: set[int], s
     another digit class, and per-class peaks would report each of those as a detection."""
     probs = softmax(m.scores)  # (K, h, w)
     wanted = sorted(classes)
-    if "background" in labels:
-        objectness = 1.0 - probs[labels.index("background")]
+    if BACKGROUND in labels:
+        objectness = 1.0 - probs[labels.index(BACKGROUND)]
     else:
         objectness = probs[wanted].max(0)
     cls_of = np.asarray(wanted)[probs[wanted].argmax(0)]  # (h, w) best wanted class per cell
@@ -187,3 +191,29 @@ def detect(parts: list[Candidates], labels: list[str], iou: float, limit: int = 
     kept = kept[drop_parts(boxes[kept])]
     return [{"label": labels[classes[i]], "score": round(float(scores[i]), 4),
              "box": [round(float(v), 1) for v in boxes[i]]} for i in kept[:limit]]
+
+
+def object_classes(labels: list[str]) -> set[int]:
+    """Every class but background."""
+    return {k for k, label in enumerate(labels) if label != BACKGROUND}
+
+
+def pyramid(run: Run, image: Image.Image, card: dict, scales: list[float], factor: int, max_pixels: int,
+            invert: bool = False) -> dict[float, Map]:
+    """Score maps of `image` at each scale σ (the image resized by 1/σ, so objects σ× the training size
+    fill the window), skipping scales that leave the image smaller than the window."""
+    maps = {}
+    for scale in scales:
+        size = (round(image.width / scale), round(image.height / scale))
+        if min(size) < card["dense"]["window"]:
+            continue
+        scaled = image if scale == 1 else image.resize(size, Image.BILINEAR)
+        x = images.full_tensor(scaled, card["input"], invert)
+        maps[scale] = finer(run, x, card, factor, max_pixels)
+    return maps
+
+
+def detections(maps: dict[float, Map], labels: list[str], threshold: float, classes: set[int],
+               iou: float) -> list[dict]:
+    """Detections merged across every scale of a pyramid."""
+    return detect([candidates(m, labels, threshold, classes, s) for s, m in maps.items()], labels, iou)

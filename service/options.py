@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from service.errors import ServiceError
+
 OUTPUTS = {"detections", "argmax", "scores", "heatmap"}
 
 
@@ -40,8 +42,6 @@ class ScoreOptions(BaseModel):
 
 def parse(**fields) -> ScoreOptions:
     """Build the options, turning pydantic's error into one readable sentence."""
-    from service.errors import ServiceError
-
     try:
         return ScoreOptions(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

@@ -21,7 +21,6 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from PIL import Image
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,7 +32,6 @@ from service.batching import MicroBatcher
 from service.errors import ErrorShapeMiddleware, ServiceError
 from service.settings import Settings
 
-BACKGROUND = "background"
 # BentoML json-decodes each multipart form field, so `-F scales=1` arrives as an int and `-F classes=7`
 # as a number: list-valued options accept either and are parsed by service.options.
 FormText = str | int | float
@@ -82,7 +80,7 @@ class ConvServe:
         self.models = {m.name: m for m in (runtime.load(t, settings) for t in settings.model_tags)}
         names = list(self.models)
         self.default_classify = names[0]
-        self.default_dense = next((n for n in names if BACKGROUND in self.models[n].card["labels"]),
+        self.default_dense = next((n for n in names if dense.BACKGROUND in self.models[n].card["labels"]),
                                   names[0])
         self.batchers: dict[str, MicroBatcher] = {}
         self.dense_lock: asyncio.Lock | None = None
@@ -123,8 +121,9 @@ class ConvServe:
                         invert: bool) -> dict:
         model = self._model(model_name, self.default_classify)
         labels = model.card["labels"]
-        if top_k > len(labels):
-            raise ServiceError(422, f"top_k={top_k} but {model.name} has only {len(labels)} labels",
+        if top_k > min(len(labels), settings.max_top_k):
+            raise ServiceError(422, f"top_k={top_k}: {model.name} has {len(labels)} labels and this "
+                                    f"server answers at most top_k={settings.max_top_k}",
                                "invalid_parameter")
         x = np.stack([images.window_tensor(im, model.card["input"], invert) for _, im in decoded])
         probs = dense.softmax((await self._batcher(model).submit(x))[:, :, 0, 0], axis=1)  # (N, K)
@@ -226,25 +225,18 @@ class ConvServe:
         if unknown:
             raise ServiceError(422, f"unknown class {', '.join(unknown)}; {served.name} has "
                                     f"{', '.join(labels)}", "invalid_parameter")
-        wanted = {labels.index(c) for c in opts.classes} or {
-            k for k, label in enumerate(labels) if label != BACKGROUND}
-        usable = [s for s in opts.scales if min(im.size) / s >= win]
-        if not usable:
+        wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
+        started = time.perf_counter()
+        maps = dense.pyramid(served.run, im, card, opts.scales, opts.stride_factor, settings.tile_pixels,
+                             opts.invert)
+        COMPUTE_SECONDS.labels(model=served.name, endpoint="score_map").observe(
+            time.perf_counter() - started)
+        if not maps:
             need = math.ceil(win * min(opts.scales))
             raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "
                                     f"{served.name} needs sides of at least {need} px (window {win})",
                                "image_too_small")
-        maps, found = {}, []
-        for scale in usable:
-            size = (round(im.size[0] / scale), round(im.size[1] / scale))
-            scaled = im if scale == 1 else im.resize(size, Image.BILINEAR)
-            x = images.full_tensor(scaled, card["input"], opts.invert)
-            started = time.perf_counter()
-            maps[scale] = dense.finer(served.run, x, card, opts.stride_factor, settings.tile_pixels)
-            COMPUTE_SECONDS.labels(model=served.name, endpoint="score_map").observe(
-                time.perf_counter() - started)
-            if "detections" in opts.outputs:
-                found.append(dense.candidates(maps[scale], labels, opts.threshold, wanted, scale))
+        usable = list(maps)
         scale = min(usable, key=lambda s: abs(math.log(s)))  # map outputs: the scale nearest 1
         m = maps[scale]
         out: dict[str, Any] = {
@@ -258,7 +250,7 @@ class ConvServe:
             "labels": labels,
         }
         if "detections" in opts.outputs:
-            out["detections"] = dense.detect(found, labels, opts.nms_iou)
+            out["detections"] = dense.detections(maps, labels, opts.threshold, wanted, opts.nms_iou)
         probs = dense.softmax(m.scores) if {"argmax", "heatmap"} & opts.outputs else None
         if "argmax" in opts.outputs:
             best = probs.argmax(0)
