@@ -10,7 +10,7 @@ BENTOML := $(VENV)/bin/bentoml
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts serve loadtest bentomodels clean
+.PHONY: install test lint artifacts serve loadtest bench bentomodels clean
 
 # The Dockerfile runs this same target (VENV=/opt/venv EXTRAS=cpu), so CI exercises its install path.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -43,6 +43,14 @@ serve: install
 LOADTEST_ARGS ?= --scenario mixed --users 32 --run-time 30
 loadtest: install
 	$(PY) -m loadtest.run --host http://127.0.0.1:$(PORT) $(LOADTEST_ARGS) --out results/loadtest
+
+# The speed benchmarks of BENCHMARKS.md, side by side in one run (~6 min; AlexNet is exported on first
+# use): results/bench/report.md and results.json. Stop other load on the machine first.
+bench: install
+	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
+	 $(BENTOML) models get lenet5-int8:latest >/dev/null 2>&1 && \
+	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+	$(PY) -m bench --out results/bench $(BENCH_ARGS)
 
 # The stored models as files, for baking into the Docker image (see the Dockerfile).
 bentomodels: install

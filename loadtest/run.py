@@ -3,7 +3,7 @@ throughput and latency.
 
     python -m loadtest.run --host http://127.0.0.1:3000 --scenario classify --users 32 --run-time 10
 
-Writes locust's CSV files and HTML report under --out, and summary.json. Exit status 1 when any
+Writes locust's CSV files, HTML report and log under --out, and summary.json. Exit status 1 when any
 request failed. Only loopback hosts are accepted: load is never sent anywhere else.
 """
 
@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 SCENARIOS = {"classify": ["ClassifyUser"], "score_map": ["ScoreMapUser"],
-             "mixed": ["ClassifyUser", "ScoreMapUser"]}
+             "mixed": ["ClassifyUser", "ScoreMapUser"], "photo": ["PhotoUser"]}
 MAX_SECONDS = 600
 
 
@@ -49,7 +49,8 @@ def summarize(csv_prefix: Path) -> dict:
     return {"total": row(total), "endpoints": {r["Name"]: row(r) for r in rows if r["Name"] != "Aggregated"}}
 
 
-def run(host: str, scenario: str, users: int, run_time: int, out: Path, spawn_rate: float = 0) -> dict:
+def run(host: str, scenario: str, users: int, run_time: int, out: Path, spawn_rate: float = 0,
+        model: str = "") -> dict:
     if not loopback(host):
         raise SystemExit(f"error: {host} is not a loopback address; load tests only target this machine")
     if not 1 <= run_time <= MAX_SECONDS:
@@ -61,9 +62,11 @@ def run(host: str, scenario: str, users: int, run_time: int, out: Path, spawn_ra
                "--run-time", f"{run_time}s", "--stop-timeout", "5", "--csv", str(prefix),
                "--html", f"{prefix}.html", "--only-summary", "--loglevel", "WARNING",
                *SCENARIOS[scenario]]
-    env = {**os.environ, "LOADTEST_SCENARIO": scenario}
-    subprocess.run(command, env=env, timeout=run_time + 120, check=False)
-    summary = {"host": host, "scenario": scenario, "users": users, "run_time_s": run_time,
+    env = {**os.environ, "LOADTEST_SCENARIO": scenario, **({"LOADTEST_MODEL": model} if model else {})}
+    with open(f"{prefix}.log", "w") as log:  # locust's own summary; ours is printed by main()
+        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=run_time + 120,
+                       check=False)
+    summary = {"host": host, "scenario": scenario, "model": model, "users": users, "run_time_s": run_time,
                **summarize(prefix)}
     (out / f"{scenario}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -75,9 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenario", choices=list(SCENARIOS), default="mixed")
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--run-time", type=int, default=30, help="seconds")
+    p.add_argument("--model", default="", help="photo scenario: the model to ask (default alexnet)")
     p.add_argument("--out", type=Path, default=Path("results/loadtest"))
     args = p.parse_args(argv)
-    summary = run(args.host, args.scenario, args.users, args.run_time, args.out)
+    summary = run(args.host, args.scenario, args.users, args.run_time, args.out, model=args.model)
     print(f"{'endpoint':<12} {'requests':>9} {'fail':>5} {'req/s':>8} {'p50':>6} {'p90':>6} "
           f"{'p99':>6} ms")
     for name, r in [*summary["endpoints"].items(), ("total", summary["total"])]:

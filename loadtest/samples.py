@@ -37,3 +37,25 @@ def pages(n: int = 8, height: int = 512, width: int = 512) -> list[bytes]:
     held_images, held_labels = x[::5].reshape(-1, 28, 28).astype(np.uint8), y[::5]
     rng = np.random.default_rng(0)
     return [png(synth_page(rng, held_images, held_labels, height, width, 30).image) for _ in range(n)]
+
+
+def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@cache
+def photos(n: int = 32, size: int = 224, seed: int = 1) -> list[bytes]:
+    """n JPEG crops (size × size) of sklearn's two real sample photos, at random places and scales."""
+    from sklearn.datasets import load_sample_images
+
+    rng, out = np.random.default_rng(seed), []
+    sources = load_sample_images().images
+    for i in range(n):
+        photo = sources[i % len(sources)]
+        side = int(rng.integers(size, min(photo.shape[:2]) + 1))
+        y, x = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        out.append(jpeg(np.asarray(crop)))
+    return out

@@ -65,7 +65,7 @@ MAX_BYTES = 4 * 2**20  # the test server's body limit
 def server(store, tmp_path_factory):
     """One real `bentoml serve` for the HTTP tests. Many warm-up rounds make warm-up last ~1-2 s, long
     enough to watch /readyz say 503 first (recorded in `statuses`)."""
-    from server import Server
+    from loadtest.servers import Server
 
     srv = Server(store, tmp_path_factory.mktemp("log") / "serve.log", warmup_rounds=120,
                  max_request_bytes=MAX_BYTES)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import PYTHON, ROOT
 from PIL import Image
-from server import Server
 
 from loadtest import evaluate
+from loadtest.servers import Server
 from models.pages import synth_page
 
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import MAX_BYTES, PYTHON, ROOT
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from server import Server
 
 from loadtest import samples
+from loadtest.servers import BaselineServer, Server
 
 
 def png(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
@@ -72,6 +72,18 @@ def test_held_out_digits_over_http(server):
     assert correct / len(digits) >= 0.98, correct
 
 
+def test_fastapi_baseline_answers_the_same_labels(server, store, tmp_path):
+    """The benchmark's baseline must do the same work: same model, same preprocessing, same answers."""
+    digits = [data for data, _ in samples.digits(40)]
+    with BaselineServer(store, tmp_path / "baseline.log") as baseline:
+        theirs = [httpx.post(f"{baseline.url}/classify", files={"image": ("d.png", d)}, timeout=30).json()
+                  for d in digits]
+    ours = classify(server.url, digits).json()["predictions"]
+    for mine, their in zip(ours, theirs, strict=True):
+        (a,), (b,) = mine["top_k"], their["predictions"][0]["top_k"]
+        assert a["label"] == b["label"] and abs(a["probability"] - b["probability"]) < 1e-4, (a, b)
+
+
 def test_base64_json_gives_the_same_answer(server):
     data = samples.digits(10)[3][0]
     multipart = classify(server.url, [data], top_k=2).json()["predictions"][0]["top_k"]
@@ -122,6 +134,21 @@ def test_batches_form_under_concurrent_load(server):
     assert metric(server.url, "convserve_queue_seconds_count", "lenet5") > 0
 
 
+def test_metrics_split_queue_compute_batch_and_request_time(server):
+    """Triton-style visibility: per model queue time, compute time and batch size; per endpoint and
+    status the request time (BentoML's own request metrics skip /classify, see ClassifyRoute)."""
+    classify(server.url, [samples.digits(1)[0][0]])
+    classify(server.url, [samples.digits(1)[0][0]], model="resnet")
+    families = {s.name: s for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+                for s in f.samples if s.name.startswith("convserve_")}
+    for name in ("batch_size", "queue_seconds", "compute_seconds", "request_seconds"):
+        assert f"convserve_{name}_count" in families, sorted(families)
+    requests = {(s.labels["status"]): s.value
+                for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+                for s in f.samples if s.name == "convserve_request_seconds_count"}
+    assert requests.get("200", 0) >= 1 and requests.get("404", 0) >= 1, requests
+
+
 def _bad_requests(url):
     digit = samples.digits(1)[0][0]
     big = Image.new("L", (12000, 12000))  # 144 megapixels of zeros: a ~140 kB PNG "bomb"
@@ -148,14 +175,27 @@ def _bad_requests(url):
         "too many images": (post("/classify", files=files(*[digit] * 65)), 413, "too_many_images"),
         "unknown model": (post("/classify", files=files(digit), data={"model": "resnet"}), 404,
                           "unknown_model"),
-        "top_k not a number": (post("/classify", files=files(digit), data={"top_k": "abc"}), 400,
-                               "bad_request"),
-        "top_k zero": (post("/classify", files=files(digit), data={"top_k": "0"}), 400, "bad_request"),
+        "top_k not a number": (post("/classify", files=files(digit), data={"top_k": "abc"}), 422,
+                               "invalid_parameter"),
+        "top_k zero": (post("/classify", files=files(digit), data={"top_k": "0"}), 422,
+                       "invalid_parameter"),
+        "invert not a boolean": (post("/classify", files=files(digit), data={"invert": "maybe"}), 422,
+                                 "invalid_parameter"),
+        "misspelt field": (post("/classify", files=files(digit), data={"topk": "3"}), 422,
+                           "invalid_parameter"),
+        # BentoML's own file inputs download a URL sent as text; ours reads it as (non-)image bytes
+        "URL in the image field": (post("/classify", files={"image": (None, b"http://127.0.0.1:1/x")}),
+                                   415, "unsupported_image"),
+        "multipart without an image": (post("/classify", files={"top_k": (None, b"1")}), 422,
+                                       "no_image"),
+        "broken multipart": (post("/classify", content=b"--x\r\nnonsense",
+                                  headers={"content-type": "multipart/form-data; boundary=x"}), 400,
+                             "bad_request"),
         "top_k over labels": (post("/classify", files=files(digit), data={"top_k": "11"}), 422,
                               "invalid_parameter"),
         "unknown output": (post("/score_map", files={"image": ("d.png", digit)},
                                 data={"outputs": "pixels"}), 422, "invalid_parameter"),
-        "no image": (post("/classify", data={"top_k": "1"}), 400, "bad_request"),
+        "not multipart": (post("/classify", data={"top_k": "1"}), 415, "unsupported_media_type"),
         "bad base64": (post("/classify_base64", json={"images_b64": ["%%%"]}), 422, "invalid_image"),
         "unknown route": (post("/nope"), 404, "not_found"),
         "wrong method": (httpx.get(f"{url}/classify"), 405, "method_not_allowed"),

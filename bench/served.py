@@ -1,0 +1,74 @@
+"""Measurements through HTTP against real servers on this machine: locust load (loadtest.run) for
+throughput and latency, and a plain client for "one /score_map pass vs every window via /classify"."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from loadtest import run as loadtest
+from loadtest.samples import png
+
+
+def locust(url: str, scenario: str, users: int, seconds: int, out: Path, model: str = "") -> dict:
+    """One bounded locust run; the aggregate row (requests/s, p50/p90/p95/p99 ms, failures)."""
+    summary = loadtest.run(url, scenario, users, seconds, out / f"{scenario}-{model or 'default'}-u{users}",
+                           model=model)
+    return {"users": users, **summary["total"]}
+
+
+def side_by_side(servers: dict[str, str], rounds: int, users: int, seconds: int, out: Path) -> dict:
+    """The classify scenario against each server in turn, `rounds` times (A B A B ...), so that slow
+    phases of a shared machine hit both; per server the median round by requests/s."""
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    for r in range(rounds):
+        for name, url in servers.items():
+            runs[name].append(locust(url, "classify", users, seconds, out / name / f"round{r}"))
+    return {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2], "rounds_rps": [x["rps"] for x in rs]}
+            for name, rs in runs.items()}
+
+
+def _best_of(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def score_map_vs_classify(url: str, page: np.ndarray, model: str, window: int, stride: int,
+                          per_request: int = 64, concurrency: int = 4) -> dict:
+    """The whole map of `page` (uint8 (H, W) or (H, W, 3)) from one POST /score_map vs from POSTing every
+    window at the stride to /classify (`per_request` images a request, `concurrency` at a time).
+    Crops are PNG-encoded before the clock starts: only serving is timed."""
+    crops = [png(np.ascontiguousarray(page[y:y + window, x:x + window]))
+             for y in range(0, page.shape[0] - window + 1, stride)
+             for x in range(0, page.shape[1] - window + 1, stride)]
+    chunks = [crops[i:i + per_request] for i in range(0, len(crops), per_request)]
+    page_png = png(page)
+    with httpx.Client(timeout=300) as client:
+        def one_pass() -> None:
+            r = client.post(f"{url}/score_map", files={"image": ("page.png", page_png)},
+                            data={"model": model, "outputs": "argmax"})
+            r.raise_for_status()
+
+        def post(chunk: list[bytes]) -> None:
+            files = [("image", (f"{i}.png", c)) for i, c in enumerate(chunk)]
+            r = client.post(f"{url}/classify", files=files, data={"model": model})
+            r.raise_for_status()
+
+        def every_window() -> None:
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(post, chunks))
+
+        one_pass()  # warm: first use of this image size
+        one = _best_of(one_pass, 5)
+        each = _best_of(every_window, 2)
+    return {"model": model, "image": list(page.shape[:2]), "windows": len(crops),
+            "score_map_ms": round(one * 1e3, 1), "classify_all_windows_ms": round(each * 1e3, 1),
+            "speedup": round(each / one, 1)}

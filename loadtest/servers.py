@@ -1,0 +1,91 @@
+"""Start a real server on a free loopback port, wait until it is ready, stop it: convserve (`bentoml
+serve`) or the FastAPI baseline. Used by the tests and by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords."""
+
+    ready_path = "/readyz"
+
+    def __init__(self, home: Path, log: Path, **settings: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+               **{f"CONVSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=open(log, "w"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).with_name("bentoml")), "serve", "service.service:ConvServe",
+                "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def readiness(self, timeout: float = 120) -> list[int]:
+        """Poll until ready (200); returns the statuses seen (0 = no answer yet)."""
+        seen: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
+            try:
+                status = httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code
+            except httpx.HTTPError:
+                status = 0
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> Server:
+        self.readiness()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+class BaselineServer(Server):
+    """`python -m loadtest.baseline` (FastAPI + uvicorn + onnxruntime) on the same store."""
+
+    ready_path = "/docs"
+
+    def __init__(self, home: Path, log: Path, model: str = "lenet5", workers: int = 1,
+                 threads: int = 1) -> None:
+        self.model, self.workers, self.threads = model, workers, threads
+        super().__init__(home, log)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "loadtest.baseline", "--port", str(self.port), "--model", self.model,
+                "--workers", str(self.workers), "--threads", str(self.threads)]
