@@ -117,7 +117,7 @@ def run_served(results: dict, out: Path, seconds: int, rounds: int) -> None:
             served.score_map_vs_classify(conv.url, pages["lenet5"], "lenet5", 28, 4),
             served.score_map_vs_classify(conv.url, pages["alexnet"], "alexnet", 224, 32)]
         print("served: AlexNet at saturation (fp32, int8)", flush=True)
-        results["compute_bound"] = {m: served.locust(conv.url, "photo", 16, seconds, out / "locust", m)
+        results["compute_bound"] = {m: served.saturation(conv.url, m, 16, seconds, out / "locust")
                                     for m in ("alexnet", "alexnet-int8")}
         print(f"served: LeNet, convserve vs FastAPI baseline, {rounds} alternating rounds", flush=True)
         results["overhead_bound"] = served.side_by_side({"convserve": conv.url, "baseline": base.url},

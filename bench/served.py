@@ -21,6 +21,32 @@ def locust(url: str, scenario: str, users: int, seconds: int, out: Path, model: 
     return {"users": users, **summary["total"]}
 
 
+def model_counters(url: str, model: str) -> dict[str, float]:
+    """The service's own /metrics for `model`'s /classify batches: calls, images, compute and queue s."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"convserve_batch_size_count": "calls", "convserve_batch_size_sum": "images",
+              "convserve_compute_seconds_sum": "compute_s", "convserve_queue_seconds_sum": "queue_s"}
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name in wanted and s.labels.get("model") == model and \
+                    s.labels.get("endpoint", "classify") == "classify":
+                out[wanted[s.name]] += s.value
+    return out
+
+
+def saturation(url: str, model: str, users: int, seconds: int, out: Path) -> dict:
+    """locust's photo scenario on `model`, plus what the model itself did meanwhile (from /metrics):
+    mean batch, its images/s while computing, and the share of the run it was computing."""
+    before = model_counters(url, model)
+    row = locust(url, "photo", users, seconds, out, model)
+    delta = {k: v - before[k] for k, v in model_counters(url, model).items()}
+    return {**row, "mean_batch": round(delta["images"] / max(delta["calls"], 1), 1),
+            "compute_images_per_s": round(delta["images"] / max(delta["compute_s"], 1e-9), 1),
+            "compute_share": round(delta["compute_s"] / seconds, 2)}
+
+
 def side_by_side(servers: dict[str, str], rounds: int, users: int, seconds: int, out: Path) -> dict:
     """The classify scenario against each server in turn, `rounds` times (A B A B ...), so that slow
     phases of a shared machine hit both; per server the median round by requests/s."""
