@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import bentoml
@@ -23,6 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ServiceError, body
 
+log = logging.getLogger("convserve")
 FIELDS = ("image", "model", "top_k", "invert")
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 # Images bigger than this are decoded in a thread, so one large upload does not stall the event loop;
@@ -142,6 +144,9 @@ class ClassifyRoute:
             status, payload = e.status, body(e.status, e.type, e.message)
         except ConnectionResetError:
             return
+        except Exception:  # noqa: BLE001 - a bug still gets our JSON shape, and the log gets the trace
+            log.exception("POST %s failed", self.path)
+            status, payload = 500, body(500, "internal_error", "internal error; see the server log")
         out = json.dumps(payload, ensure_ascii=False).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
