@@ -19,7 +19,7 @@ def goals(r: dict) -> list[tuple[str, str, str, bool]]:
     for d, inproc in zip(r["dense_http"], r["dense_inprocess"], strict=True):
         if d["model"] == "alexnet":  # compute-bound: HTTP can only add cost to the in-process ratio
             rows.append((f"dense vs windows via HTTP, {d['model']} {d['image'][0]}² (information)",
-                         f"≤ in-process {inproc['speedup']:g}×", f"{d['speedup']:g}×", True))
+                         f"none (in-process: {inproc['speedup']:g}×)", f"{d['speedup']:g}×", True))
             continue
         rows.append((f"dense vs windows via HTTP, {d['model']} {d['image'][0]}²", "≥ 30×",
                      f"{d['speedup']:g}×", d["speedup"] >= 30))
