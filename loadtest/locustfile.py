@@ -26,48 +26,47 @@ PHOTOS = samples.photos() if SCENARIO == "photo" else []
 PHOTO_MODEL = os.environ.get("LOADTEST_MODEL", "alexnet")
 
 
-class ClassifyUser(FastHttpUser):
+class ImageUser(FastHttpUser):
+    """Posts the next of `images` (cycled) as the multipart field `image` to `route`, back to back;
+    any status but 200, or an answer `check` refuses, is a failure."""
+
+    abstract = True
     wait_time = constant(0)
+    route, filename, media_type = "/classify", "image.png", "image/png"
+    images: list[bytes] = []
+    form: dict[str, str] = {}
+
+    def on_start(self) -> None:
+        self.cycle = itertools.cycle(self.images)
+
+    def check(self, response) -> str:
+        """A failure message for a 200 answer, or "" when it is fine."""
+        return ""
+
+    @task
+    def post(self) -> None:
+        files = {"image": (self.filename, next(self.cycle), self.media_type)}
+        with self.client.post(self.route, files=files, data=self.form or None, catch_response=True,
+                              name=self.route) as response:
+            problem = f"HTTP {response.status_code}" if response.status_code != 200 else \
+                self.check(response)
+            if problem:
+                response.failure(f"{problem}: {response.text[:200]}")
+
+
+class ClassifyUser(ImageUser):
     weight = 9
+    filename, images = "digit.png", [body for body, _ in DIGITS]
 
-    def on_start(self) -> None:
-        self.cycle = itertools.cycle(DIGITS)
-
-    @task
-    def classify(self) -> None:
-        body, _ = next(self.cycle)
-        with self.client.post("/classify", files={"image": ("digit.png", body, "image/png")},
-                              catch_response=True, name="/classify") as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-            elif response.json()["predictions"][0]["top_k"][0]["label"] not in DIGIT_LABELS:
-                response.failure(f"unexpected answer: {response.text[:200]}")
+    def check(self, response) -> str:
+        label = response.json()["predictions"][0]["top_k"][0]["label"]
+        return "" if label in DIGIT_LABELS else "unexpected answer"
 
 
-class ScoreMapUser(FastHttpUser):
-    wait_time = constant(0)
+class ScoreMapUser(ImageUser):
     weight = 1
-
-    def on_start(self) -> None:
-        self.cycle = itertools.cycle(PAGES)
-
-    @task
-    def score_map(self) -> None:
-        with self.client.post("/score_map", files={"image": ("page.png", next(self.cycle), "image/png")},
-                              catch_response=True, name="/score_map") as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+    route, filename, images = "/score_map", "page.png", PAGES
 
 
-class PhotoUser(FastHttpUser):
-    wait_time = constant(0)
-
-    def on_start(self) -> None:
-        self.cycle = itertools.cycle(PHOTOS)
-
-    @task
-    def classify_photo(self) -> None:
-        with self.client.post("/classify", files={"image": ("photo.jpg", next(self.cycle), "image/jpeg")},
-                              data={"model": PHOTO_MODEL}, catch_response=True, name="/classify") as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+class PhotoUser(ImageUser):
+    filename, media_type, images, form = "photo.jpg", "image/jpeg", PHOTOS, {"model": PHOTO_MODEL}
