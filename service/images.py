@@ -1,4 +1,5 @@
-"""Bytes → validated PIL image → normalized float32 tensor, as the model card says.
+"""Bytes → validated PIL image → uint8 pixels (C, H, W) in the model card's mode and size. The engine
+normalizes them, once per batch (service/card.py).
 
 Every failure is a ServiceError whose message says what to change. The pixel count is checked from
 the header, before any decoding, so a decompression bomb costs nothing.
@@ -13,6 +14,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.card import InputSpec
 from service.errors import ServiceError
 
 FORMATS = ["PNG", "JPEG", "BMP", "TIFF", "WEBP"]
@@ -69,26 +71,21 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def normalize(pixels: np.ndarray, card_input: dict, invert: bool = False) -> np.ndarray:
-    """uint8 (H, W) or (H, W, C) → float32 (C, H, W): x = (pixel·scale − mean) / std."""
-    x = pixels.astype(np.float32)
-    if invert:
-        x = 255.0 - x
+def pixels(image: Image.Image, invert: bool = False) -> np.ndarray:
+    """PIL image → uint8 (C, H, W); `invert`: dark ink on light paper becomes light on dark."""
+    x = np.asarray(image)
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    mean = np.asarray(card_input["mean"], np.float32)[:, None, None]
-    std = np.asarray(card_input["std"], np.float32)[:, None, None]
-    return (x * np.float32(card_input["scale"]) - mean) / std
+    return 255 - x if invert else np.ascontiguousarray(x)
 
 
-def window_tensor(image: Image.Image, card_input: dict, invert: bool = False) -> np.ndarray:
-    """An image for classification: card mode, resized to the window, normalized → (C, h, w)."""
-    size = (card_input["width"], card_input["height"])
-    image = to_mode(image, card_input["mode"])
-    if image.size != size:
-        image = image.resize(size, Image.BILINEAR)
-    return normalize(np.asarray(image), card_input, invert)
+def window_pixels(image: Image.Image, spec: InputSpec, invert: bool = False) -> np.ndarray:
+    """An image for classification: card mode, resized to the window → uint8 (C, h, w)."""
+    image = to_mode(image, spec.mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), Image.BILINEAR)
+    return pixels(image, invert)
 
 
-def full_tensor(image: Image.Image, card_input: dict, invert: bool = False) -> np.ndarray:
-    """An image for dense scoring: card mode at its own size, normalized → (C, H, W)."""
-    return normalize(np.asarray(to_mode(image, card_input["mode"])), card_input, invert)
+def full_pixels(image: Image.Image, spec: InputSpec, invert: bool = False) -> np.ndarray:
+    """An image for dense scoring: card mode at its own size → uint8 (C, H, W)."""
+    return pixels(to_mode(image, spec.mode), invert)

@@ -3,9 +3,10 @@ everything it knows about a model comes from the model card stored beside the ON
 
     bentoml serve service.service:ConvServe --port 3000       (or: make serve)
 
-Lifecycle of a request: decode → (batch) → predict → (unbatch) → encode. /classify batches across
-concurrent requests (its HTTP layer is service/classify_route.py, ahead of BentoML's, for speed);
-/score_map runs one image through the fully-convolutional net in one pass.
+Lifecycle of a request: decode → (batch) → predict → (unbatch) → encode. The fronts here decode,
+validate and encode; service.engine batches across concurrent requests and runs the models (its
+inference threads never wait on this event loop). /classify's HTTP layer is service/classify_route.py,
+ahead of BentoML's, for speed; /score_map runs one image through the fully-convolutional net in one pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import gc
 import logging
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,9 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import dense, heatmap, images, options, runtime
-from service.batching import MicroBatcher
+from service import dense, heatmap, images, options
 from service.classify_route import ClassifyRoute
+from service.engine import Engine
+from service.engine.sessions import Model
+from service.engine.store import check_store
 from service.errors import ErrorShapeMiddleware, ServiceError
 from service.settings import Settings
 
@@ -40,18 +42,7 @@ FormText = str | int | float
 
 settings = Settings()
 log = logging.getLogger("convserve")
-runtime.check_store(settings.model_tags)
-
-BATCH_SIZE = bentoml.metrics.Histogram(
-    name="convserve_batch_size", documentation="images per onnxruntime call in /classify",
-    labelnames=["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-QUEUE_SECONDS = bentoml.metrics.Histogram(
-    name="convserve_queue_seconds", documentation="time an image waited for its batch to start",
-    labelnames=["model"], buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1))
-COMPUTE_SECONDS = bentoml.metrics.Histogram(
-    name="convserve_compute_seconds", documentation="onnxruntime time per call",
-    labelnames=["model", "endpoint"], buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
-                                               0.25, 1, 2.5, 10))
+check_store(settings.model_tags)
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -78,23 +69,19 @@ read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 )
 class ConvServe:
     def __init__(self) -> None:
-        self.models = {m.name: m for m in (runtime.load(t, settings) for t in settings.model_tags)}
+        self.engine = Engine.from_store(settings)
+        self.models = self.engine.models
         names = list(self.models)
         self.default_classify = names[0]
         self.default_dense = next((n for n in names if dense.BACKGROUND in self.models[n].card["labels"]),
                                   names[0])
-        self.batchers: dict[str, MicroBatcher] = {}
         self.dense_lock: asyncio.Lock | None = None
         self.ready = False
         # Warm up off the start-up path, so /readyz answers 503 (not silence) until it is done.
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
-        limit = settings.max_batch_size
-        sizes = sorted({n for n in (1, 2, 4, 8, 16, 32) if n < limit} | {limit})
-        for model in self.models.values():
-            model.warm_up(sizes, dense_size=4 * model.window, rounds=settings.warmup_rounds)
-            log.info("warmed up %s in %.0f ms", model.tag, model.warmup_ms)
+        self.engine.warm_up()
         # Everything allocated so far (BentoML, onnxruntime, the models) lives as long as the process:
         # moving it out of the collector's view stops full collections from walking it mid-request
         # (they were the p99 under load: ~90 ms vs ~20 ms after; BENCHMARKS.md).
@@ -104,23 +91,12 @@ class ConvServe:
     def __is_ready__(self) -> bool:
         return self.ready
 
-    def _model(self, name: str, default: str) -> runtime.ServedModel:
+    def _model(self, name: str, default: str) -> Model:
         name = name or default
         if name not in self.models:
             raise ServiceError(404, f"unknown model {name!r}; served models: {', '.join(self.models)} "
                                     f"(GET /models)", "unknown_model")
         return self.models[name]
-
-    def _batcher(self, model: runtime.ServedModel) -> MicroBatcher:
-        if model.name not in self.batchers:
-            def observe(size: int, queued: float, compute: float, name: str = model.name) -> None:
-                BATCH_SIZE.labels(model=name).observe(size)
-                QUEUE_SECONDS.labels(model=name).observe(queued)
-                COMPUTE_SECONDS.labels(model=name, endpoint="classify").observe(compute)
-
-            self.batchers[model.name] = MicroBatcher(model.run, settings.max_batch_size,
-                                                     settings.batch_wait_ms, observe)
-        return self.batchers[model.name]
 
     async def classify_decoded(self, decoded: list[tuple[str, Any]], model_name: str, top_k: int,
                                invert: bool) -> dict:
@@ -130,8 +106,8 @@ class ConvServe:
             raise ServiceError(422, f"top_k={top_k}: {model.name} has {len(labels)} labels and this "
                                     f"server answers at most top_k={settings.max_top_k}",
                                "invalid_parameter")
-        x = np.stack([images.window_tensor(im, model.card["input"], invert) for _, im in decoded])
-        probs = dense.softmax((await self._batcher(model).submit(x))[:, :, 0, 0], axis=1)  # (N, K)
+        x = np.stack([images.window_pixels(im, model.input, invert) for _, im in decoded])  # (N, C, h, w)
+        probs = dense.softmax((await self.engine.submit(model.name, x))[:, :, 0, 0], axis=1)  # (N, K)
         top = np.argsort(-probs, axis=1)[:, :top_k]
         return {"model": model.name, "version": model.card["version"], "predictions": [
             {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p[k]), 6)}
@@ -204,7 +180,7 @@ class ConvServe:
         except ServiceError as e:
             return e.response()
 
-    def _score(self, served: runtime.ServedModel, im, opts: options.ScoreOptions) -> dict:
+    def _score(self, served: Model, im, opts: options.ScoreOptions) -> dict:
         labels, card = served.card["labels"], served.card
         stride, win = card["dense"]["stride"], served.window
         if stride % opts.stride_factor:
@@ -215,11 +191,8 @@ class ConvServe:
             raise ServiceError(422, f"unknown class {', '.join(unknown)}; {served.name} has "
                                     f"{', '.join(labels)}", "invalid_parameter")
         wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
-        started = time.perf_counter()
-        maps = dense.pyramid(served.run, im, card, opts.scales, opts.stride_factor, settings.tile_pixels,
-                             opts.invert)
-        COMPUTE_SECONDS.labels(model=served.name, endpoint="score_map").observe(
-            time.perf_counter() - started)
+        maps = dense.pyramid(self.engine.runner(served.name), im, card, opts.scales, opts.stride_factor,
+                             settings.tile_pixels, opts.invert)
         if not maps:
             need = math.ceil(win * min(opts.scales))
             raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "

@@ -11,6 +11,7 @@ from PIL import Image
 from bench import inprocess
 from export.card import read_embedded
 from service import images
+from service.card import InputSpec
 
 
 def stored_onnx(store, name: str) -> str:
@@ -50,7 +51,8 @@ def test_int8_default_model_keeps_accuracy(store, mnist):
     fp32, int8 = stored_onnx(store, "lenet5"), stored_onnx(store, "lenet5-int8")
     card = read_embedded(fp32)
     _, held = mnist
-    x = np.stack([images.window_tensor(Image.fromarray(p), card["input"]) for p in held.images])
+    spec = InputSpec.from_card(card)
+    x = spec.normalize(np.stack([images.window_pixels(Image.fromarray(p), spec) for p in held.images]))
     result = inprocess.agreement(fp32, int8, x, held.labels, threads=1)
     assert result["top1_agreement"] >= 0.99, result
     assert result["fp32_accuracy"] - result["int8_accuracy"] <= 0.003, result

@@ -1,4 +1,4 @@
-"""onnxruntime sessions for the models in BentoML's store, with the provider chosen at start.
+"""onnxruntime sessions: the provider chosen at start, its options, and one model's call.
 
 CUDA when onnxruntime-gpu is installed and sees a GPU (cuDNN's conv algorithm search set explicitly,
 arena growth bounded), else CPU with every graph optimization (layout transforms matter: measured
@@ -8,13 +8,12 @@ arena growth bounded), else CPU with every graph optimization (layout transforms
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
+from service.card import InputSpec
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
@@ -55,14 +54,18 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 
 
 @dataclass
-class ServedModel:
-    """One model from the store: its card (all the service knows about it) and its session."""
+class Model:
+    """One model: its card (all the engine knows about it) and its onnxruntime session."""
 
     tag: str
     card: dict
     session: ort.InferenceSession
+    input: InputSpec = field(init=False)
     warmup_ms: float = 0.0
     shapes_warmed: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.input = InputSpec.from_card(self.card)
 
     @property
     def name(self) -> str:
@@ -77,61 +80,29 @@ class ServedModel:
         return int(self.card["dense"]["window"])
 
     @property
-    def channels(self) -> int:
-        return int(self.card["input"]["channels"])
+    def window_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image at the size the classifier was trained on."""
+        return self.input.channels, self.window, self.window
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) float32 → scores (N, K, h, w), cropped to the cells inside the image."""
+        """uint8 pixels (normalized here, as the card says) or float32 already normalized, (N, C, H, W)
+        → scores (N, K, h, w), cropped to the cells inside the image. The only onnxruntime call."""
+        if x.dtype == np.uint8:
+            x = self.input.normalize(x)
         scores = self.session.run([self.card["onnx"]["output"]], {self.card["onnx"]["input"]: x})[0]
         dense = self.card["dense"]
         h = (x.shape[2] - dense["window"]) // dense["stride"] + 1
         w = (x.shape[3] - dense["window"]) // dense["stride"] + 1
         return scores[:, :, :h, :w]
 
-    def warm_up(self, batch_sizes: list[int], dense_size: int, rounds: int) -> None:
-        """Run every shape the service will see first, so the first requests pay no set-up cost."""
-        start = time.perf_counter()
-        shapes = [(n, self.channels, self.window, self.window) for n in batch_sizes]
-        shapes.append((1, self.channels, dense_size, dense_size))
-        for _ in range(rounds):
-            for shape in shapes:
-                self.run(np.zeros(shape, np.float32))
-        self.warmup_ms = round((time.perf_counter() - start) * 1000, 1)
-        self.shapes_warmed = [list(s) for s in shapes]
-
     def describe(self) -> dict:
         return {**self.card, "tag": self.tag, "provider": self.provider, "warmup_ms": self.warmup_ms,
                 "warmed_shapes": self.shapes_warmed}
 
 
-def check_store(tags: list[str]) -> None:
-    """Exit with a clear message when the store lacks a model. Called at import, so `bentoml serve`
-    stops before it starts workers (a worker failing later leaves the server up, serving nothing)."""
-    import bentoml
-
-    if not tags:
-        raise SystemExit("error: CONVSERVE_MODELS names no model")
-    missing = []
-    for tag in tags:
-        try:
-            bentoml.models.get(tag)
-        except bentoml.exceptions.NotFound:
-            missing.append(tag)
-    if missing:
-        raise SystemExit(f"error: {', '.join(missing)} not in the BentoML model store "
-                         f"(BENTOML_HOME="
-                         f"{os.environ.get('BENTOML_HOME', '~/bentoml')}); run `make artifacts` (or "
-                         f"`python -m export ...`), or set CONVSERVE_MODELS to models you have")
-
-
-def load(tag: str, settings: Settings) -> ServedModel:
-    import bentoml  # the store only; no framework runner
-
-    stored = bentoml.models.get(tag)
-    card = dict(stored.info.metadata)
-    session = ort.InferenceSession(stored.path_of("model.onnx"), session_options(settings),
-                                   providers=providers(settings))
-    model = ServedModel(str(stored.tag), card, session)
-    log.info("loaded %s (%s) on %s with %d intra-op threads", model.tag, card["arch"], model.provider,
+def open_model(tag: str, card: dict, onnx_path: str, settings: Settings) -> Model:
+    session = ort.InferenceSession(onnx_path, session_options(settings), providers=providers(settings))
+    model = Model(tag, card, session)
+    log.info("loaded %s (%s) on %s with %d intra-op threads", tag, card["arch"], model.provider,
              settings.intra_op_threads)
     return model

@@ -11,7 +11,7 @@ import torch
 from export.convolutionalize import convolutionalize
 from export.onnx_export import export_onnx
 from models.registry import build
-from service import runtime
+from service.engine import sessions
 from service.settings import Settings
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -19,8 +19,8 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 def test_cpu_settings():
     settings = Settings(providers="cpu", workers=2, threads=0)
-    assert runtime.providers(settings) == ["CPUExecutionProvider"]
-    options = runtime.session_options(settings)
+    assert sessions.providers(settings) == ["CPUExecutionProvider"]
+    options = sessions.session_options(settings)
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.intra_op_num_threads == settings.intra_op_threads >= 1
 
@@ -28,8 +28,8 @@ def test_cpu_settings():
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
 def test_asking_for_cuda_without_it_says_what_to_install():
     with pytest.raises(RuntimeError, match="gpu"):
-        runtime.providers(Settings(providers="cuda"))
-    assert runtime.providers(Settings(providers="auto")) == ["CPUExecutionProvider"]
+        sessions.providers(Settings(providers="cuda"))
+    assert sessions.providers(Settings(providers="auto")) == ["CPUExecutionProvider"]
 
 
 @pytest.mark.gpu
@@ -39,8 +39,8 @@ def test_cuda_matches_cpu(tmp_path):
     path = tmp_path / "lenet.onnx"
     export_onnx(convolutionalize(build("lenet5-relu").eval(), (28, 28)), 1, 28, path)
     settings = Settings(providers="cuda")
-    options = runtime.session_options(settings)
-    cuda = ort.InferenceSession(str(path), options, providers=runtime.providers(settings))
+    options = sessions.session_options(settings)
+    cuda = ort.InferenceSession(str(path), options, providers=sessions.providers(settings))
     cpu = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     assert cuda.get_providers()[0] == "CUDAExecutionProvider"
     x = np.random.default_rng(0).normal(size=(8, 1, 92, 60)).astype(np.float32)

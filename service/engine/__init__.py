@@ -1,0 +1,80 @@
+"""The engine: one narrow contract between the HTTP fronts and onnxruntime.
+
+    engine = Engine.from_store(settings)
+    scores = await engine.submit("lenet5", pixels)    # uint8 (N, C, H, W) → float32 (N, K, h, w)
+    scores = engine.run("digit-detector", tile)       # the same, from a thread that is not the loop
+
+It owns what makes a model call fast and safe, so that no front repeats it: a queue per model and the
+batches formed from it (batcher.py), batch-size buckets (buckets.py), the sessions and their provider
+options (sessions.py), one inference thread per model (worker.py), warm-up, and per-model metrics
+(metrics.py). Inputs are uint8 pixels, normalized here once per batch as the model card says, or
+float32 already normalized. The engine imports neither BentoML nor Starlette (store.py reads the model
+store, lazily); the fronts never import onnxruntime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from service.engine import metrics
+from service.engine.buckets import bucket_sizes
+from service.engine.metrics import Batch
+from service.engine.sessions import CUDA, Model
+from service.engine.worker import ModelWorker
+from service.settings import Settings
+
+log = logging.getLogger("convserve")
+
+
+class Engine:
+    def __init__(self, models: list[Model], settings: Settings,
+                 observe: Callable[[Batch], None] = metrics.observe) -> None:
+        if settings.switch_interval_ms:
+            # Process-wide: how soon the inference thread gets the GIL back from a busy event loop
+            # after onnxruntime returns (worker.py says why and what was measured).
+            sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        self.settings = settings
+        self.workers = {
+            m.name: ModelWorker(m, settings.max_batch_size,
+                                bucket_sizes(settings.batch_buckets, settings.max_batch_size,
+                                             on_gpu=m.provider == CUDA),
+                                settings.batch_wait_ms, observe)
+            for m in models}
+
+    @classmethod
+    def from_store(cls, settings: Settings) -> Engine:
+        from service.engine.store import load
+
+        return cls([load(tag, settings) for tag in settings.model_tags], settings)
+
+    @property
+    def models(self) -> dict[str, Model]:
+        return {name: worker.model for name, worker in self.workers.items()}
+
+    async def submit(self, model: str, x: np.ndarray) -> np.ndarray:
+        """Scores of x (N, C, H, W), batched with whatever else waits for `model`. A cancelled caller's
+        images are dropped from the queue if they have not started."""
+        futures = [asyncio.wrap_future(f) for f in self.workers[model].submit(x)]
+        parts = await asyncio.gather(*futures)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def run(self, model: str, x: np.ndarray) -> np.ndarray:
+        """The same as submit, blocking: for pipelines running in a thread (dense tiles)."""
+        parts = [f.result() for f in self.workers[model].submit(x)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def runner(self, model: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: self.run(model, x)
+
+    def warm_up(self) -> None:
+        for worker in self.workers.values():
+            worker.warm_up(self.settings.warmup_rounds, dense_side=4 * worker.model.window)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
