@@ -4,9 +4,13 @@
 
 1. dense vs windows: one fully-convolutional pass vs every window as a crop, in-process and via HTTP
 2. compute-bound serving: AlexNet at 224 through /classify vs the same ONNX model in-process
-3. overhead-bound serving: LeNet through /classify vs a FastAPI + uvicorn + onnxruntime baseline
+3. overhead-bound serving: LeNet through /classify vs a FastAPI + uvicorn + onnxruntime baseline, at 1 and
+   2 workers each; and the model's compute per call under load vs in-process at the same batch size
 4. int8 vs fp32: speed and agreement
-5. latency per concurrency (1, 4, 16, 64 users)
+5. latency per concurrency (1, 4, 16, 64 connections)
+6. the engine under GIL pressure (in-process, idle vs busy event loop), new batch shapes and padding
+
+Served load comes from wrk (loadtest/wrk.py), which leaves the server more of the 2 cores than locust.
 
 Writes results.json and report.md under --out and prints the report. AlexNet is exported from random
 weights unless --alexnet-weights gives torchvision's ImageNet state_dict (no downloads here).
@@ -29,11 +33,13 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench import inprocess, report, served
+from bench import gil, inprocess, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from service import images
 from service.card import InputSpec
+from service.engine.sessions import open_model
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGIT_MODELS = ["lenet5", "lenet5-int8", "digit-detector"]
@@ -110,10 +116,38 @@ def run_inprocess(results: dict, threads: int) -> dict[str, np.ndarray]:
     return {"lenet5": page, "alexnet": photo}
 
 
+def per_call_ms(name: str, batch: int, threads: int) -> float:
+    """In-process onnxruntime ms per call of `name` at `batch` images (the service's session options)."""
+    path, card = stored(name)
+    shape = (card["input"]["channels"], card["input"]["height"], card["input"]["width"])
+    images_per_s = inprocess.throughput_by_batch(path, shape, threads, (batch,))["images_per_s"][batch]
+    return round(1e3 * batch / images_per_s, 3)
+
+
+def run_gil(threads: int) -> dict:
+    """Why the engine has an inference thread and a short switch interval, and why CPU batches are not
+    padded to buckets: bench/gil.py's measurements for LeNet (batch 32) and AlexNet (batch 16)."""
+    out = {}
+    for name, batch, top in (("lenet5", 32, 64), ("alexnet", 16, 16)):
+        path, card = stored(name)
+        model = open_model(name, card, path, Settings(threads=threads))
+        shape = model.window_shape
+        out[name] = {
+            "engine": gil.engine_pressure(model, batch, calls=200 if name == "lenet5" else 20),
+            "callers": gil.gil_pressure(path, batch, shape, threads, min_s=0.3)["callers"],
+            "shapes": gil.shape_cost(path, shape, threads, sizes=tuple(range(1, top + 1)),
+                                     fresh=tuple(sorted({max(2, top * k // 9) for k in (1, 4, 8)})),
+                                     pad=tuple(n for n in (3, 5, 9, 17, 33) if n < top), min_s=0.15)}
+    return out
+
+
 def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: int, rounds: int) -> None:
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    digits = [data for data, _ in samples.digits(50)]
+    photos = samples.photos(32, 224, 3)
+    threads = os.cpu_count() or 1
     models = ",".join([*DIGIT_MODELS, "alexnet", "alexnet-int8"])
     with Server(home, logs / "convserve.log", models=models) as conv, \
             BaselineServer(home, logs / "baseline.log") as base:
@@ -122,15 +156,29 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
             served.score_map_vs_classify(conv.url, pages["lenet5"], "lenet5", 28, 4),
             served.score_map_vs_classify(conv.url, pages["alexnet"], "alexnet", 224, 32)]
         print("served: AlexNet at saturation (fp32, int8)", flush=True)
-        results["compute_bound"] = {m: served.saturation(conv.url, m, 16, seconds, out / "locust")
-                                    for m in ("alexnet", "alexnet-int8")}
-        print(f"served: LeNet, convserve vs FastAPI baseline, {rounds} alternating rounds", flush=True)
-        results["overhead_bound"] = served.side_by_side({"convserve": conv.url, "baseline": base.url},
-                                                        rounds, 32, seconds, out / "locust")
+        results["compute_bound"] = {}
+        for m in ("alexnet", "alexnet-int8"):
+            row = served.saturation(conv.url, m, photos, 16, seconds, out / "wrk")
+            batch = max(1, round(row["mean_batch"]))
+            row["inprocess_ms_per_call"] = per_call_ms(m, batch, threads)  # at the batch the server ran
+            results["compute_bound"][m] = row
         print("served: latency by concurrency", flush=True)
-        results["latency"] = {name: [served.locust(url, "classify", users, seconds, out / "locust" / name)
-                                     for users in (1, 4, 16, 64)]
+        results["latency"] = {name: [served.wrk(url, digits, c, seconds, out / "wrk" / f"{name}-c{c}")
+                                     for c in (1, 4, 16, 64)]
                               for name, url in (("convserve", conv.url), ("baseline", base.url))}
+    print(f"served: LeNet, convserve vs FastAPI baseline at 1 and 2 workers, {rounds} rounds", flush=True)
+    results["overhead_bound"] = {}
+    for workers in (1, 2):
+        each = max(1, threads // workers)
+        with Server(home, logs / f"convserve-w{workers}.log", models="lenet5", workers=workers) as conv, \
+                BaselineServer(home, logs / f"baseline-w{workers}.log", workers=workers) as base:
+            before = served.model_counters(conv.url, "lenet5")
+            rows = served.side_by_side({"convserve": conv.url, "baseline": base.url}, digits, rounds, 32,
+                                       seconds, out / "wrk" / f"w{workers}")
+            rows["convserve"].update(served.inside(conv.url, "lenet5", before, rounds * seconds))
+            batch = max(1, round(rows["convserve"]["mean_batch"]))
+            rows["convserve"]["inprocess_ms_per_call"] = per_call_ms("lenet5", batch, each)
+        results["overhead_bound"][f"{workers} worker{'s' * (workers > 1)}"] = rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "bentoml": bentoml.__version__, "provider": "CPUExecutionProvider"},
                      "alexnet_trained": ensure_alexnet(args.alexnet_weights), "threads": threads}
     pages = run_inprocess(results, threads)
+    print("in-process: the engine under GIL pressure; what new batch shapes and padding cost", flush=True)
+    results["gil"] = run_gil(threads)
     run_served(results, pages, args.out, args.seconds, args.rounds)
     results["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ re-taking the GIL but not the hand-off to and from the caller.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import queue
@@ -27,14 +28,17 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
 from bench.inprocess import best_seconds, session
+from service.engine import Engine
+from service.engine.sessions import Model, open_model
+from service.settings import Settings
 
 # -----------------------------------------------------------------------------
 # the pieces: a busy Python thread, a worker thread, a worker process
@@ -159,15 +163,12 @@ def worker_process(path: str, threads: int, x_shape: tuple[int, ...], y_shape: t
         shm.unlink()
 
 
-def per_call(call: Callable[[], float], min_s: float, rounds: int) -> tuple[float, float]:
-    """(wall, run) seconds per call for the round with the best wall time; `call` returns its run
-    seconds. Each round is one best_seconds round (its warm-up call is left out of the run mean)."""
-    best = (float("inf"), float("inf"))
-    for _ in range(rounds):
-        runs: list[float] = []
-        wall = best_seconds(lambda runs=runs: runs.append(call()), min_s=min_s, rounds=1)
-        best = min(best, (wall, sum(runs[1:]) / len(runs[1:])))
-    return best
+def per_call(call: Callable[[], float], min_s: float) -> tuple[float, float]:
+    """(wall, run) seconds per call over one best_seconds round; `call` returns its run seconds (the
+    round's warm-up call is left out of the run mean)."""
+    runs: list[float] = []
+    wall = best_seconds(lambda: runs.append(call()), min_s=min_s, rounds=1)
+    return wall, sum(runs[1:]) / len(runs[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +180,9 @@ def gil_pressure(path: str, batch: int, shape: tuple[int, int, int], threads: in
     """Per-call ms of `session.run` on one (batch, C, H, W) input from each kind of caller: the main
     thread; a worker thread alone, next to a busy Python thread, and the same with a 0.2 ms switch
     interval; a worker process with and without the busy thread in this (the calling) process.
-    `call_ms` is what the caller sees, `run_ms` the time around session.run where it runs."""
+    `call_ms` is what the caller sees, `run_ms` the time around session.run where it runs. Note that
+    the process caller also re-takes the GIL (after its pipe read) while the busy thread runs here;
+    in a server whose event loop awaited the pipe itself, that hand-off would not happen."""
     sess = session(path, threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)  # (N, C, H, W)
@@ -190,23 +193,30 @@ def gil_pressure(path: str, batch: int, shape: tuple[int, int, int], threads: in
         sess.run(None, {name: x})
         return time.perf_counter() - start
 
-    def checked(call):  # the same scores from every caller, then time it
+    def checked(call):  # the same scores from every caller; then only its run seconds
         np.testing.assert_allclose(call(x)[0], expected, rtol=1e-4, atol=1e-5)
-        return per_call(lambda: call(x)[1], min_s, rounds)
+        return lambda: call(x)[1]
 
-    timings = {"main_thread": per_call(direct, min_s, rounds)}
-    with worker_thread(sess, name) as call:
-        timings["worker_idle"] = checked(call)
-        with busy_thread():
-            timings["worker_busy"] = checked(call)
-            with switch_interval(2e-4):
-                timings["worker_busy_switch_0.2ms"] = checked(call)
-    with worker_process(path, threads, x.shape, expected.shape, expected.dtype) as call:
-        timings["process_idle"] = checked(call)
-        with busy_thread():
-            timings["process_busy"] = checked(call)
+    old_interval = sys.getswitchinterval()
+
+    # one round of every caller, `rounds` times (fair under a drifting load); the best round counts
+    with worker_thread(sess, name) as in_thread, \
+            worker_process(path, threads, x.shape, expected.shape, expected.dtype) as in_process:
+        callers = {  # name: (call, busy thread?, switch interval)
+            "main_thread": (direct, False, None),
+            "worker_idle": (checked(in_thread), False, None),
+            "worker_busy": (checked(in_thread), True, None),
+            "worker_busy_switch_0.2ms": (checked(in_thread), True, 2e-4),
+            "process_idle": (checked(in_process), False, None),
+            "process_busy": (checked(in_process), True, None),
+        }
+        timings = {caller: (float("inf"), float("inf")) for caller in callers}
+        for _ in range(rounds):
+            for caller, (call, busy, interval) in callers.items():
+                with busy_thread() if busy else nullcontext(), switch_interval(interval or old_interval):
+                    timings[caller] = min(timings[caller], per_call(call, min_s))
     return {"batch": batch, "shape": list(shape), "threads": threads,
-            "switch_interval_ms": sys.getswitchinterval() * 1e3,
+            "switch_interval_ms": old_interval * 1e3,
             "callers": {caller: {"call_ms": round(wall * 1e3, 3), "run_ms": round(run * 1e3, 3)}
                         for caller, (wall, run) in timings.items()}}
 
@@ -225,9 +235,10 @@ def shape_cost(path: str, shape: tuple[int, int, int], threads: int,
     """Per-image µs on CPU over one pass through `sizes` (every size once): each size timed on its own,
     many calls in a row (fixed), vs a different size every call (cycling, after each was seen once);
     the first call at a size the session has never seen (sizes in `fresh` below the largest, in a
-    session warmed at the largest; and sizes above anything seen) vs the same size in steady state;
-    and what padding each batch up to the next power of two would cost (per size in `pad`, and over
-    the pass). First-call minus steady-state differences are single calls: noisy, either sign."""
+    session warmed at the largest; and sizes above anything seen) vs the median of the next calls at
+    that size; and what padding each batch up to the next power of two would cost (per size in `pad`,
+    and over the pass). First-call minus steady-state differences rest on single calls: noisy, and
+    of either sign."""
     sess = session(path, threads)
     name = sess.get_inputs()[0].name
     rng = np.random.default_rng(0)
@@ -243,28 +254,30 @@ def shape_cost(path: str, shape: tuple[int, int, int], threads: int,
         run(n, s)
         return time.perf_counter() - start
 
-    # (a) fixed: each size many times in a row; (b) cycling: a different size every call
-    fixed = {n: best_seconds(lambda n=n: run(n), min_s, rounds) for n in sizes}
-    cycling = best_seconds(lambda: [run(n) for n in sizes], min_s, rounds)
+    # (a) fixed: each size many calls in a row; (b) cycling: a different size every call. One round of
+    # each, `rounds` times (fair under a drifting load); every figure is its best round
+    timed = sorted({*sizes, *pad, *(pow2(n) for n in (*sizes, *pad))})
+    fixed = dict.fromkeys(timed, float("inf"))
+    cycling = float("inf")
+    for _ in range(rounds):
+        for n in timed:
+            fixed[n] = min(fixed[n], best_seconds(lambda n=n: run(n), min_s, rounds=1))
+        cycling = min(cycling, best_seconds(lambda: [run(n) for n in sizes], min_s, rounds=1))
     images = sum(sizes)
 
-    # (c) first call at a never-seen size, in a fresh session that has run only the largest size
+    # (c) first call at a never-seen size, in a fresh session that has run only the largest size;
+    # steady state = the median of the next single calls (a median: a shared CPU preempts some calls)
     top = max(sizes)
     fresh_sess = session(path, threads)
     for _ in range(3):
         run(top, fresh_sess)
     new, larger = {}, {}
     for n in [n for n in fresh if n < top]:
-        first = once(n, fresh_sess)
-        new[n] = (first, best_seconds(lambda n=n: run(n, fresh_sess), min_s / 4, rounds))
+        new[n] = (once(n, fresh_sess), float(np.median([once(n, fresh_sess) for _ in range(11)])))
     for n in (top + 1, 2 * top):  # each above anything seen so far
-        first = once(n, fresh_sess)
-        larger[n] = (first, best_seconds(lambda n=n: run(n, fresh_sess), min_s / 4, rounds))
+        larger[n] = (once(n, fresh_sess), float(np.median([once(n, fresh_sess) for _ in range(11)])))
 
-    # (d) padding to the next power of two
-    for n in {pow2(n) for n in (*sizes, *pad)} | set(pad):
-        if n not in fixed:
-            fixed[n] = best_seconds(lambda n=n: run(n), min_s, rounds)
+    # (d) padding each batch up to the next power of two, over the pass through `sizes`
     padded = sum(fixed[pow2(n)] for n in sizes)
 
     def firsts(table):
@@ -291,6 +304,57 @@ def shape_cost(path: str, shape: tuple[int, int, int], threads: int,
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# the service's own engine under a busy event loop (what `make bench` reports)
+
+
+async def _drive(call: Callable[[], Awaitable], calls: int, busy: bool) -> float:
+    """Mean wall ms per `await call()` over `calls` calls, the event loop meanwhile idle or busy
+    in Python (2 ms slices of pure Python between yields, like a loop parsing and decoding requests)."""
+    stop = False
+
+    async def busy_loop() -> None:
+        while not stop:
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    burner = asyncio.ensure_future(busy_loop()) if busy else None
+    await call()  # warm-up
+    started = time.perf_counter()
+    for _ in range(calls):
+        await call()
+    wall = (time.perf_counter() - started) / calls
+    stop = True
+    if burner:
+        await burner
+    return wall * 1e3
+
+
+def engine_pressure(model: Model, batch: int, calls: int = 200) -> dict:
+    """Per-call ms through service.engine (an asyncio caller, the model on its inference thread): the
+    event loop idle or busy, at Python's default switch interval (5 ms) and at the engine's (0.2 ms).
+    `compute_ms` is what /metrics reports as convserve_compute_seconds (median over the calls).
+    `to_thread_busy_5ms`: the design before the engine, `await asyncio.to_thread(model.run, x)`."""
+    x = np.zeros((batch, *model.window_shape), np.uint8)
+    with switch_interval(0.005):
+        rows = {"to_thread_busy_5ms": {
+            "call_ms": round(asyncio.run(_drive(lambda: asyncio.to_thread(model.run, x), calls, True)), 3)}}
+    for label, busy, switch_ms in [("idle_5ms", False, 0), ("busy_5ms", True, 0), ("busy_0.2ms", True, 0.2)]:
+        seen: list = []
+        with switch_interval(0.005):  # the engine sets its own (process-wide) when switch_ms > 0
+            engine = Engine([model], Settings(max_batch_size=batch, batch_buckets="none",
+                                              switch_interval_ms=switch_ms), observe=seen.append)
+            try:
+                call_ms = asyncio.run(_drive(lambda e=engine: e.submit(model.name, x), calls, busy))
+            finally:
+                engine.close()
+        rows[label] = {"call_ms": round(call_ms, 3),
+                       "compute_ms": round(float(np.median([b.compute_s for b in seen[1:]])) * 1e3, 3)}
+    return {"batch": batch, **rows}
+
+
 def stored(name: str) -> tuple[str, dict]:
     """The ONNX file and card of `name:latest` in BentoML's store (as bench/__main__.py does)."""
     import bentoml
@@ -306,13 +370,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32, help="batch size for the GIL measurements")
     p.add_argument("--max-batch", type=int, default=64, help="shape_cost cycles through 1..this")
     p.add_argument("--min-s", type=float, default=0.5, help="least seconds per timing round")
-    p.add_argument("--skip", choices=["gil", "shapes"], help="leave one of the two measurements out")
+    p.add_argument("--skip", choices=["gil", "engine", "shapes"], help="leave one measurement out")
     args = p.parse_args(argv)
     path, card = stored(args.model)
     shape = (card["input"]["channels"], card["input"]["height"], card["input"]["width"])  # (C, H, W)
     out = {"model": args.model}
     if args.skip != "gil":
         out["gil_pressure"] = gil_pressure(path, args.batch, shape, args.threads, min_s=args.min_s)
+    if args.skip != "engine":
+        model = open_model(args.model, card, path, Settings(threads=args.threads))
+        out["engine_pressure"] = engine_pressure(model, args.batch)
     if args.skip != "shapes":
         top = args.max_batch
         out["shape_cost"] = shape_cost(path, shape, args.threads, sizes=tuple(range(1, top + 1)),

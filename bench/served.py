@@ -1,4 +1,5 @@
-"""Measurements through HTTP against real servers on this machine: locust load (loadtest.run) for
+"""Measurements through HTTP against real servers on this machine: wrk (loadtest/wrk.py: a C load
+generator, ~50 µs of CPU per request where locust takes ~400, so the server keeps the cores) for
 throughput and latency, and a plain client for "one /score_map pass vs every window via /classify"."""
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ import httpx
 import numpy as np
 
 from bench.inprocess import best_seconds
-from loadtest import run as loadtest
+from loadtest import wrk as loadtest_wrk
 from loadtest.samples import png
 
 
-def locust(url: str, scenario: str, users: int, seconds: int, out: Path, model: str = "") -> dict:
-    """One bounded locust run; the aggregate row (requests/s, p50/p90/p95/p99 ms, failures)."""
-    summary = loadtest.run(url, scenario, users, seconds, out / f"{scenario}-{model or 'default'}-u{users}",
-                           model=model)
-    return {"users": users, **summary["total"]}
+def wrk(url: str, bodies: list[bytes], connections: int, seconds: int, out: Path, **fields: str) -> dict:
+    """One bounded wrk run against POST /classify (loadtest.wrk): requests/s, latency percentiles and
+    failures (non-2xx answers and socket errors)."""
+    r = loadtest_wrk.run(url, "/classify", bodies, seconds, connections, fields=fields, out=out)
+    return {"connections": connections, "rps": r["rps"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"],
+            "p99_ms": r["p99_ms"], "failures": r["non_2xx"] + sum(r["socket_errors"].values())}
 
 
 def model_counters(url: str, model: str) -> dict[str, float]:
-    """The service's own /metrics for `model`'s /classify batches: calls, images, compute and queue s."""
+    """The service's own /metrics for `model`'s classifier-sized batches: calls, images, compute and
+    queue seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {"convserve_batch_size_count": "calls", "convserve_batch_size_sum": "images",
@@ -30,30 +33,37 @@ def model_counters(url: str, model: str) -> dict[str, float]:
     out = dict.fromkeys(wanted.values(), 0.0)
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
         for s in family.samples:
-            if s.name in wanted and s.labels.get("model") == model and \
-                    s.labels.get("kind") == "window":
+            if s.name in wanted and s.labels.get("model") == model and s.labels.get("kind") == "window":
                 out[wanted[s.name]] += s.value
     return out
 
 
-def saturation(url: str, model: str, users: int, seconds: int, out: Path) -> dict:
-    """locust's photo scenario on `model`, plus what the model itself did meanwhile (from /metrics):
-    mean batch, its images/s while computing, and the share of the run it was computing."""
-    before = model_counters(url, model)
-    row = locust(url, "photo", users, seconds, out, model)
+def inside(url: str, model: str, before: dict[str, float], seconds: float) -> dict:
+    """What the model did since `before` (from /metrics): mean batch, compute ms per call, its
+    images/s while computing, and the share of `seconds` it was computing."""
     delta = {k: v - before[k] for k, v in model_counters(url, model).items()}
-    return {**row, "mean_batch": round(delta["images"] / max(delta["calls"], 1), 1),
+    calls = max(delta["calls"], 1)
+    return {"mean_batch": round(delta["images"] / calls, 1),
+            "compute_ms_per_call": round(1e3 * delta["compute_s"] / calls, 3),
             "compute_images_per_s": round(delta["images"] / max(delta["compute_s"], 1e-9), 1),
             "compute_share": round(delta["compute_s"] / seconds, 2)}
 
 
-def side_by_side(servers: dict[str, str], rounds: int, users: int, seconds: int, out: Path) -> dict:
-    """The classify scenario against each server in turn, `rounds` times (A B A B ...), so that slow
-    phases of a shared machine hit both; per server the median round by requests/s."""
+def saturation(url: str, model: str, bodies: list[bytes], connections: int, seconds: int, out: Path) -> dict:
+    """wrk on `model` with photo bodies, plus what the model itself did meanwhile (from /metrics)."""
+    before = model_counters(url, model)
+    row = wrk(url, bodies, connections, seconds, out / f"{model}-c{connections}", model=model)
+    return {**row, **inside(url, model, before, seconds)}
+
+
+def side_by_side(servers: dict[str, str], bodies: list[bytes], rounds: int, connections: int, seconds: int,
+                 out: Path) -> dict:
+    """wrk against each server in turn, `rounds` times (A B A B ...), so that slow phases of a shared
+    machine hit both; per server the median round by requests/s."""
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     for r in range(rounds):
         for name, url in servers.items():
-            runs[name].append(locust(url, "classify", users, seconds, out / name / f"round{r}"))
+            runs[name].append(wrk(url, bodies, connections, seconds, out / name / f"round{r}"))
     return {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2], "rounds_rps": [x["rps"] for x in rs]}
             for name, rs in runs.items()}
 

@@ -13,7 +13,6 @@ middlewares (so 504/429 still apply) and outside the rest. Every other path fall
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -27,9 +26,6 @@ from service.errors import ServiceError, body
 log = logging.getLogger("convserve")
 FIELDS = ("image", "model", "top_k", "invert")
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
-# Images bigger than this are decoded in a thread, so one large upload does not stall the event loop;
-# smaller ones (a digit is ~300 bytes) decode inline, where a thread hop would cost more than decoding.
-INLINE_DECODE_BYTES = 64 * 1024
 
 REQUEST_SECONDS = bentoml.metrics.Histogram(
     name="convserve_request_seconds", documentation="POST /classify handling time, by status",
@@ -134,12 +130,7 @@ class ClassifyRoute:
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             fields, files = parse_form(content_type, data)
             model, top_k, invert = parse_options(fields)
-            service = bentoml.get_current_service()
-            if len(data) > INLINE_DECODE_BYTES:
-                decoded = await asyncio.to_thread(service.decode_many, files)
-            else:
-                decoded = service.decode_many(files)
-            payload = await service.classify_decoded(decoded, model, top_k, invert)
+            payload = await bentoml.get_current_service().classify(files, model, top_k, invert)
         except ServiceError as e:
             status, payload = e.status, body(e.status, e.type, e.message)
         except ConnectionResetError:

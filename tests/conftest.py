@@ -54,7 +54,8 @@ def store(tmp_path_factory):
         ["export", "--arch", "lenet5-relu", "--weights", str(art / "digit-detector.pt"), "--out", str(art)],
     ]
     for step in steps:
-        subprocess.run([PYTHON, "-m", *step], cwd=ROOT, env=env, check=True, timeout=600)
+        # generous: the detector trains in ~6 min on a quiet 2-core machine, 20 on a busy one
+        subprocess.run([PYTHON, "-m", *step], cwd=ROOT, env=env, check=True, timeout=1800)
     return home
 
 

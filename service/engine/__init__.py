@@ -59,9 +59,10 @@ class Engine:
     async def submit(self, model: str, x: np.ndarray) -> np.ndarray:
         """Scores of x (N, C, H, W), batched with whatever else waits for `model`. A cancelled caller's
         images are dropped from the queue if they have not started."""
-        futures = [asyncio.wrap_future(f) for f in self.workers[model].submit(x)]
-        parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        futures = self.workers[model].submit(x)
+        if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
+            return await asyncio.wrap_future(futures[0])
+        return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))
 
     def run(self, model: str, x: np.ndarray) -> np.ndarray:
         """The same as submit, blocking: for pipelines running in a thread (dense tiles)."""
