@@ -34,10 +34,13 @@ log = logging.getLogger("convserve")
 class Engine:
     def __init__(self, models: list[Model], settings: Settings,
                  observe: Callable[[Batch], None] = metrics.observe) -> None:
-        if settings.switch_interval_ms:
+        switch_ms = settings.switch_interval_ms
+        if switch_ms is None:
+            switch_ms = 0.2 if any(m.provider == CUDA for m in models) else 0
+        if switch_ms:
             # Process-wide: how soon the inference thread gets the GIL back from a busy event loop
             # after onnxruntime returns (worker.py says why and what was measured).
-            sys.setswitchinterval(settings.switch_interval_ms / 1000)
+            sys.setswitchinterval(switch_ms / 1000)
         self.settings = settings
         self.workers = {
             m.name: ModelWorker(m, settings.max_batch_size,

@@ -1,12 +1,16 @@
 """The inference thread of one model: it takes batches from the model's queue, runs them, and hands
 each request its rows of the scores.
 
-Why a thread of its own, and a short switch interval: onnxruntime releases the GIL while it computes
-and must take it back to return. With the event loop busy in Python (parsing, decoding), that re-take
-waits for the loop to give the GIL up, up to the interpreter's switch interval (5 ms). Measured on this
-2-core machine, LeNet batch 32: 1.5 ms per call on an idle process, 13.3 ms from a worker thread beside
-a busy Python thread, 3.0 ms with a 0.2 ms switch interval (on an H100: 0.33 → 14.9 → 0.46 ms).
-A dedicated thread also keeps batch assembly, padding and normalization off the event loop.
+Why a thread of its own: batch assembly, padding and normalization stay off the event loop, and the
+model's calls do not queue behind the event loop's own work in a shared thread pool.
+
+Why the engine may shorten the GIL switch interval: onnxruntime releases the GIL while it computes and
+must take it back to return. With the event loop busy in Python (parsing, decoding), that re-take waits
+for the loop to give the GIL up, up to the interpreter's switch interval (5 ms). On an H100, LeNet
+batch 32: 0.33 ms per call alone, 14.9 ms beside a busy Python thread, 0.46 ms with a 0.2 ms interval.
+On this 2-core CPU the model's call is long enough that the wait matters less and the event loop, not
+the model, limits a small model's throughput: 0.2 ms cost 7 % of served LeNet req/s. So the default
+is 0.2 ms on CUDA and Python's 5 ms on CPU (BENCHMARKS.md, "engine under GIL pressure").
 """
 
 from __future__ import annotations
