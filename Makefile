@@ -44,8 +44,9 @@ LOADTEST_ARGS ?= --scenario mixed --users 32 --run-time 30
 loadtest: install
 	$(PY) -m loadtest.run --host http://127.0.0.1:$(PORT) $(LOADTEST_ARGS) --out results/loadtest
 
-# The speed benchmarks of BENCHMARKS.md, side by side in one run (~6 min; AlexNet is exported on first
-# use): results/bench/report.md and results.json. Stop other load on the machine first.
+# The speed benchmarks of BENCHMARKS.md, side by side in one run (~8 min; AlexNet is exported on first
+# use; served load from Debian's wrk): results/bench/report.md and results.json. Stop other load on the
+# machine first.
 bench: install
 	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
 	 $(BENTOML) models get lenet5-int8:latest >/dev/null 2>&1 && \

@@ -50,6 +50,11 @@ def goals(r: dict) -> list[tuple[str, str, str, bool]]:
                  f"{ratio:.2f}× ({conv['rps']:g} at {conv['layout']} vs {base['rps']:g} at {base['layout']}; "
                  f"p99 {conv['p99_ms']:g} vs {base['p99_ms']:g} ms)",
                  ratio >= 1.5 and conv["p99_ms"] <= base["p99_ms"]))
+    for layout, x in r["overhead_bound"].items():
+        switch, default = x["convserve, switch 0.2 ms"]["rps"], x["convserve"]["rps"]
+        rows.append((f"LeNet served req/s with a 0.2 ms GIL switch interval ÷ Python's 5 ms, {layout} "
+                     "(information: the CPU default)", "—",
+                     f"{switch / default:.2f} ({switch:g} vs {default:g})", True))
     engine = r["gil"]["lenet5"]["engine"]
     rows.append((f"engine under GIL pressure: LeNet batch {engine['batch']}, event loop busy in Python "
                  "(information)", "—",

@@ -18,6 +18,7 @@ import logging
 import time
 
 import bentoml
+from prometheus_client import Histogram
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -27,7 +28,7 @@ log = logging.getLogger("convserve")
 FIELDS = ("image", "model", "top_k", "invert")
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
-REQUEST_SECONDS = bentoml.metrics.Histogram(
+REQUEST_SECONDS = Histogram(
     name="convserve_request_seconds", documentation="POST /classify handling time, by status",
     labelnames=["endpoint", "status"], buckets=(5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
                                                 0.5, 1, 2.5, 10))

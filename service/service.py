@@ -95,6 +95,11 @@ class ConvServe:
     def __is_ready__(self) -> bool:
         return self.ready
 
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        """Requests still queued when the server stops get an error, not silence."""
+        self.engine.close()
+
     def _model(self, name: str, default: str) -> Model:
         name = name or default
         if name not in self.models:

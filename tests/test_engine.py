@@ -188,7 +188,8 @@ def tiny_onnx(tmp_path_factory):
 
 def test_engine_on_onnxruntime_batches_normalizes_and_answers_each_caller(tiny_onnx):
     path, weight = tiny_onnx
-    settings = Settings(threads=1, max_batch_size=8, batch_buckets="pow2", warmup_rounds=1)
+    settings = Settings(threads=1, max_batch_size=8, batch_buckets="pow2", warmup_rounds=1,
+                        switch_interval_ms=0)
     seen = []
     engine = Engine([open_model("tiny:1", CARD, path, settings)], settings, observe=seen.append)
     try:
@@ -215,23 +216,82 @@ def test_engine_on_onnxruntime_batches_normalizes_and_answers_each_caller(tiny_o
     assert engine.models["tiny"].shapes_warmed[0] == [1, 1, 4, 4]
 
 
-def test_a_cancelled_caller_leaves_the_engine_serving(tiny_onnx):
+def test_an_asyncio_caller_that_goes_away_is_never_computed(tiny_onnx):
+    """Engine.submit cancelled (the client disconnected) while its images wait: they are dropped."""
     path, _ = tiny_onnx
-    settings = Settings(threads=1, max_batch_size=4)
+    settings = Settings(threads=1, max_batch_size=4, batch_buckets="none", switch_interval_ms=0)
     engine = Engine([open_model("tiny:1", CARD, path, settings)], settings, observe=lambda b: None)
+    held = HeldModel()
+    engine.workers["held"] = ModelWorker(held, 4, [1, 2, 3, 4], 0, lambda b: None)
 
     async def cancel_one_then_ask_again():
-        task = asyncio.ensure_future(engine.submit("tiny", np.zeros((4, 1, 400, 400), np.uint8)))
-        await asyncio.sleep(0)
-        task.cancel()
+        first = asyncio.ensure_future(engine.submit("held", images(100)))
+        while not held.entered.is_set():  # the model is busy with `first`, its gate closed
+            await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(engine.submit("held", images(1)))
+        await asyncio.sleep(0.01)  # `gone` is queued
+        gone.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
-        return await engine.submit("tiny", np.zeros((2, 1, 4, 4), np.uint8))
+            await gone
+        held.gate.set()
+        return await first, await engine.submit("held", images(2))
 
     try:
-        assert asyncio.run(cancel_one_then_ask_again()).shape == (2, 2, 1, 1)
+        first, again = asyncio.run(cancel_one_then_ask_again())
     finally:
+        held.gate.set()
         engine.close()
+    assert first.ravel().tolist() == [100] and again.ravel().tolist() == [2]
+    assert [shape[0] for shape in held.calls] == [1, 1]  # the cancelled image never reached the model
+
+
+def test_with_a_batch_wait_late_requests_join_and_close_does_not_hang():
+    model, seen = HeldModel(), []
+    model.gate.set()
+    worker = ModelWorker(model, 8, list(range(1, 9)), wait_ms=2000, observe=seen.append)
+    try:
+        (a,), (b,) = worker.submit(images(1)), worker.submit(images(2))  # b arrives within a's wait
+        assert [a.result(10).item(), b.result(10).item()] == [1, 2]
+        assert [shape[0] for shape in model.calls] == [2]
+        (waiting,) = worker.submit(images(3))
+    finally:
+        worker.close()  # during the 2 s wait: returns at once, and the waiting request hears why
+    assert not worker.thread.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        waiting.result(10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_inference_thread_fails_its_waiters_and_refuses_new_requests(held):
+    model, worker, _ = held
+    block_on_first_call(model, worker)
+    (waiting,) = worker.submit(images(1))
+
+    def broken_take():
+        raise RuntimeError("a bug in the queue")  # outside the per-batch handler: the thread dies
+
+    worker.queue.take = broken_take
+    model.gate.set()
+    with pytest.raises(RuntimeError, match="shut down"):
+        waiting.result(10)
+    worker.thread.join(10)
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(images(2))
+
+
+def test_metrics_observe_records_every_series():
+    from prometheus_client import REGISTRY
+
+    from service.engine import metrics
+
+    def value(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, {"model": "m-test", "kind": "window", **labels}) or 0.0
+
+    metrics.observe(metrics.Batch("m-test", "window", 3, 4, 0.002, 0.001))
+    assert value("convserve_batch_size_count") == 1 and value("convserve_batch_size_sum") == 3
+    assert value("convserve_padding_images_total") == 1
+    assert value("convserve_queue_seconds_sum") == pytest.approx(0.002)
+    assert value("convserve_compute_seconds_sum") == pytest.approx(0.001)
 
 
 def test_layers_import_in_one_direction():

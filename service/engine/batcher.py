@@ -47,7 +47,8 @@ class BatchQueue:
             self._ready.notify()
         return request.future
 
-    def __len__(self) -> int:
+    def _items(self) -> int:
+        """Images queued (called with the lock held)."""
         return sum(len(r.x) for r in self._queue)
 
     def close(self) -> None:
@@ -68,12 +69,13 @@ class BatchQueue:
             while True:
                 while not self._queue and not self._closed:
                     self._ready.wait()
+                if self.wait_s and not self._closed:
+                    deadline = self._queue[0].enqueued + self.wait_s
+                    while not self._closed and self._items() < self.max_items and \
+                            (left := deadline - time.perf_counter()) > 0:
+                        self._ready.wait(left)
                 if self._closed:
                     return []
-                if self.wait_s:
-                    deadline = self._queue[0].enqueued + self.wait_s
-                    while len(self) < self.max_items and (left := deadline - time.perf_counter()) > 0:
-                        self._ready.wait(left)
                 batch = self._assemble()
                 if batch:
                     return batch

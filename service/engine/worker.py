@@ -49,14 +49,17 @@ class ModelWorker:
         self.thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while batch := self.queue.take():
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 - every waiter hears of it; the thread lives on
-                log.exception("%s: a batch of %d requests failed", self.model.name, len(batch))
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(e)
+        try:
+            while batch := self.queue.take():
+                try:
+                    self._run(batch)
+                except Exception as e:  # noqa: BLE001 - every waiter hears of it; the thread lives on
+                    log.exception("%s: a batch of %d requests failed", self.model.name, len(batch))
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(e)
+        finally:  # however this thread ends, nobody waits on it: the waiting fail, new requests are refused
+            self.queue.close()
 
     def _run(self, batch: list[Request]) -> None:
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (n, C, H, W)
@@ -73,8 +76,11 @@ class ModelWorker:
         for request in batch:
             request.future.set_result(scores[row : row + len(request.x)])
             row += len(request.x)
-        self.observe(Batch(self.model.name, "window" if window else "dense", n, size,
-                           started - batch[0].enqueued, finished - started))
+        try:
+            self.observe(Batch(self.model.name, "window" if window else "dense", n, size,
+                               started - batch[0].enqueued, finished - started))
+        except Exception:  # noqa: BLE001 - the answers are out; a metrics failure is only logged
+            log.exception("%s: metrics not recorded", self.model.name)
 
     def warm_up(self, rounds: int, dense_side: int) -> None:
         """Run each bucket size (and one dense shape) `rounds` times, so the first requests pay no
