@@ -175,6 +175,13 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
         results["latency"] = {name: [served.wrk(url, digits, c, seconds, out / "wrk" / f"{name}-c{c}")
                                      for c in (1, 4, 16, 64)]
                               for name, url in (("convserve", conv.url), ("baseline", base.url))}
+    run_layouts(results, home, out, digits, seconds, rounds)
+
+
+def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], seconds: int, rounds: int) -> None:
+    """LeNet at 1 and 2 workers: convserve (Python's switch interval and 0.2 ms) vs the baseline."""
+    logs, threads = out / "logs", os.cpu_count() or 1
+    logs.mkdir(parents=True, exist_ok=True)
     print(f"served: LeNet, convserve vs FastAPI baseline at 1 and 2 workers, {rounds} rounds", flush=True)
     results["overhead_bound"] = {}
     for workers in (1, 2):
@@ -186,11 +193,14 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
                        models="lenet5", workers=workers, switch_interval_ms=0.2) as switch, \
                 BaselineServer(home, logs / f"baseline-w{workers}.log", workers=workers) as base:
             before = served.model_counters(conv.url, "lenet5")
+            before_switch = served.model_counters(switch.url, "lenet5")
             urls = {"convserve": conv.url, "convserve, switch 0.2 ms": switch.url, "baseline": base.url}
             rows = served.side_by_side(urls, digits, rounds, 32, seconds, out / "wrk" / f"w{workers}")
             rows["convserve"].update(served.inside(conv.url, "lenet5", before, rounds * seconds))
-            batch = max(1, round(rows["convserve"]["mean_batch"]))
-            rows["convserve"]["inprocess_ms_per_call"] = per_call_ms("lenet5", batch, each)
+            rows["convserve, switch 0.2 ms"].update(served.inside(switch.url, "lenet5", before_switch,
+                                                                  rounds * seconds))
+            for row in (rows["convserve"], rows["convserve, switch 0.2 ms"]):
+                row["inprocess_ms_per_call"] = per_call_ms("lenet5", max(1, round(row["mean_batch"])), each)
         results["overhead_bound"][f"{workers} worker{'s' * (workers > 1)}"] = rows
 
 
