@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     switch_interval_ms: float | None = Field(
         None, ge=0, description="Python's GIL switch interval in ms; unset: 0.2 on CUDA (a model call "
         "then never waits ~5 ms for a busy event loop to let go of the GIL), Python's 5 ms on CPU (0.2 "
-        "cost 7 % of LeNet's served throughput there); 0: Python's default")
+        "made no measurable difference there); 0: Python's default")
     max_images: int = Field(64, ge=1, description="images in one /classify request")
     max_top_k: int = Field(20, ge=1)
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="HTTP body limit (413 above)")

@@ -8,9 +8,10 @@ Why the engine may shorten the GIL switch interval: onnxruntime releases the GIL
 must take it back to return. With the event loop busy in Python (parsing, decoding), that re-take waits
 for the loop to give the GIL up, up to the interpreter's switch interval (5 ms). On an H100, LeNet
 batch 32: 0.33 ms per call alone, 14.9 ms beside a busy Python thread, 0.46 ms with a 0.2 ms interval.
-On this 2-core CPU the model's call is long enough that the wait matters less and the event loop, not
-the model, limits a small model's throughput: 0.2 ms cost 7 % of served LeNet req/s. So the default
-is 0.2 ms on CUDA and Python's 5 ms on CPU (BENCHMARKS.md, "engine under GIL pressure").
+In-process on this 2-core CPU the same effect is stark (LeNet batch 32 beside a busy event loop: 587 ms
+per call at 5 ms, 6.1 ms at 0.2 ms), but served under load 0.2 ms made no measurable difference (LeNet
+0.95–1.01× the req/s): a real event loop lets the GIL go whenever it waits in epoll. So the default is
+0.2 ms on CUDA and Python's 5 ms on CPU (BENCHMARKS.md, "The engine").
 """
 
 from __future__ import annotations
