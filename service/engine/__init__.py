@@ -15,7 +15,6 @@ store, lazily); the fronts never import onnxruntime.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Callable
 
@@ -27,8 +26,6 @@ from service.engine.metrics import Batch
 from service.engine.sessions import CUDA, Model
 from service.engine.worker import ModelWorker
 from service.settings import Settings
-
-log = logging.getLogger("convserve")
 
 
 class Engine:
