@@ -205,13 +205,13 @@ def pyramid(run: Run, image: Image.Image, card: dict, scales: list[float], facto
             invert: bool = False) -> dict[float, Map]:
     """Score maps of `image` at each scale σ (the image resized by 1/σ, so objects σ× the training size
     fill the window), skipping scales that leave the image smaller than the window."""
-    maps = {}
+    maps, spec = {}, InputSpec.from_card(card)
     for scale in scales:
         size = (round(image.width / scale), round(image.height / scale))
         if min(size) < card["dense"]["window"]:
             continue
         scaled = image if scale == 1 else image.resize(size, Image.BILINEAR)
-        x = images.full_pixels(scaled, InputSpec.from_card(card), invert)  # (C, H, W) uint8
+        x = images.full_pixels(scaled, spec, invert)  # (C, H, W) uint8
         maps[scale] = finer(run, x, card, factor, max_pixels)
     return maps
 
