@@ -10,7 +10,7 @@ BENTOML := $(VENV)/bin/bentoml
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts serve loadtest bench bentomodels clean
+.PHONY: install test lint artifacts serve loadtest soak bench bentomodels clean
 
 # The Dockerfile runs this same target (VENV=/opt/venv EXTRAS=cpu), so CI exercises its install path.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -43,6 +43,14 @@ serve: install
 LOADTEST_ARGS ?= --scenario mixed --users 32 --run-time 30
 loadtest: install
 	$(PY) -m loadtest.run --host http://127.0.0.1:$(PORT) $(LOADTEST_ARGS) --out results/loadtest
+
+# 10 minutes of mixed load on a fresh loopback server; RSS, threads and open files before and after:
+# results/soak/soak.md and soak.json. Not part of `make test`. Stop other load on the machine first.
+SOAK_ARGS ?= --minutes 10
+soak: install
+	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
+	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+	$(PY) -m loadtest.soak --out results/soak $(SOAK_ARGS)
 
 # The speed benchmarks of BENCHMARKS.md, side by side in one run (~8 min; AlexNet is exported on first
 # use; served load from Debian's wrk): results/bench/report.md and results.json. Stop other load on the

@@ -141,15 +141,6 @@ def run_gil(threads: int) -> dict:
     return out
 
 
-def sibling_home(home: Path, folder: Path) -> Path:
-    """A BENTOML_HOME with `home`'s models. BentoML keeps /metrics' files under BENTOML_HOME and wipes
-    them when a server starts, so two servers running at once need a home each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "models").exists():
-        (folder / "models").symlink_to(home / "models")
-    return folder
-
-
 def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: int, rounds: int) -> None:
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     logs = out / "logs"
@@ -186,10 +177,10 @@ def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], secon
     results["overhead_bound"] = {}
     for workers in (1, 2):
         each = max(1, threads // workers)
-        # The engine's CUDA switch interval (0.2 ms) on this CPU, beside the default: a second convserve,
-        # with a home of its own (see sibling_home).
+        # The engine's CUDA switch interval (0.2 ms) on this CPU, beside the default: a second convserve
+        # (each Server has a BENTOML_HOME of its own: see loadtest/servers.py).
         with Server(home, logs / f"convserve-w{workers}.log", models="lenet5", workers=workers) as conv, \
-                Server(sibling_home(home, out / "home-switch"), logs / f"switch-w{workers}.log",
+                Server(home, logs / f"switch-w{workers}.log",
                        models="lenet5", workers=workers, switch_interval_ms=0.2) as switch, \
                 BaselineServer(home, logs / f"baseline-w{workers}.log", workers=workers) as base:
             before = served.model_counters(conv.url, "lenet5")

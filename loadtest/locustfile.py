@@ -7,6 +7,8 @@ which bounds the run and refuses any host but loopback.
 - PhotoUser: one 224×224 JPEG crop of a real photo per POST /classify to $LOADTEST_MODEL (default
   alexnet): the compute-bound benchmark.
 - The `mixed` scenario runs ClassifyUser and ScoreMapUser, 9 : 1.
+
+$LOADTEST_API_KEY, when set, is sent as `Authorization: Bearer …` (servers with CONVSERVE_API_KEYS).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ SCENARIO = os.environ.get("LOADTEST_SCENARIO", "mixed")
 PAGES = samples.pages() if SCENARIO in ("mixed", "score_map") else []
 PHOTOS = samples.photos() if SCENARIO == "photo" else []
 PHOTO_MODEL = os.environ.get("LOADTEST_MODEL", "alexnet")
+HEADERS = {"Authorization": f"Bearer {os.environ['LOADTEST_API_KEY']}"} \
+    if os.environ.get("LOADTEST_API_KEY") else {}
 
 
 class ImageUser(FastHttpUser):
@@ -46,8 +50,8 @@ class ImageUser(FastHttpUser):
     @task
     def post(self) -> None:
         files = {"image": (self.filename, next(self.cycle), self.media_type)}
-        with self.client.post(self.route, files=files, data=self.form or None, catch_response=True,
-                              name=self.route) as response:
+        with self.client.post(self.route, files=files, data=self.form or None, headers=HEADERS,
+                              catch_response=True, name=self.route) as response:
             problem = f"HTTP {response.status_code}" if response.status_code != 200 else \
                 self.check(response)
             if problem:

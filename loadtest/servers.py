@@ -22,8 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_home(home: Path, folder: Path) -> Path:
+    """A BENTOML_HOME of its own that shares `home`'s models (a symlink). BentoML keeps /metrics' files
+    under BENTOML_HOME and wipes them when a server starts, so two servers at once need a home each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (home / "models").exists() and not (folder / "models").exists():
+        (folder / "models").symlink_to((home / "models").resolve())
+    return folder
+
+
 class Server:
-    """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords."""
+    """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords, serving
+    the models of the store at `home` from a home of its own beside `log` (see own_home)."""
 
     ready_path = "/readyz"
 
@@ -31,7 +41,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+        self.home = own_home(Path(home), log.parent / f"{log.stem}.home")
+        env = {**os.environ, "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "true",
                **{f"CONVSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=open(log, "w"),
                                         stderr=subprocess.STDOUT, start_new_session=True)

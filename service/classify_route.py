@@ -7,8 +7,9 @@ in one pass over the body: read (bounded) → parse multipart (python-multipart,
 uses, without temp files) → decode → batch → encode, and answers every error in our JSON shape.
 It also never treats a form field as a URL to download (BentoML's `Path` inputs do).
 
-It is added with `add_asgi_middleware`, which BentoML places inside its timeout and max-concurrency
-middlewares (so 504/429 still apply) and outside the rest. Every other path falls through to BentoML.
+It is added with `add_asgi_middleware`, just inside service/gate.py (which has already checked the API
+key, read the body and admitted the request) and outside BentoML's own. Every other path falls through
+to BentoML.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import time
 
 import bentoml
 from prometheus_client import Histogram
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
+from service import multipart
 from service.errors import ServiceError, body
+from service.gate import REQUEST_ID, read_body
 
 log = logging.getLogger("convserve")
 FIELDS = ("image", "model", "top_k", "invert")
@@ -34,71 +36,22 @@ REQUEST_SECONDS = Histogram(
                                                 0.5, 1, 2.5, 10))
 
 
-async def read_body(scope, receive, limit: int) -> bytes:
-    """The whole request body, refusing (413) more than `limit` bytes with or without Content-Length."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ServiceError(413, f"request body of {int(value)} bytes is over the {limit}-byte "
-                                    f"limit; send smaller images or fewer per request")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionResetError("client went away")
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            raise ServiceError(413, f"request body is over the {limit}-byte limit")
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 def parse_form(content_type: bytes, data: bytes) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     """multipart/form-data → ({field: text}, [(filename, bytes) for each `image` part])."""
-    mime, params = parse_options_header(content_type)
-    if mime != b"multipart/form-data" or b"boundary" not in params:
+    mime, _ = parse_options_header(content_type)
+    if mime != b"multipart/form-data":
         raise ServiceError(415, "send the image as multipart/form-data (curl -F image=@digit.png), or "
                                 "JSON with base64 images to /classify_base64", "unsupported_media_type")
-    parts: list[list] = []  # [headers, current header name, data]
-
-    def header_field(chunk: bytes, start: int, end: int) -> None:
-        parts[-1][1] += chunk[start:end]
-
-    def header_value(chunk: bytes, start: int, end: int) -> None:
-        headers, name = parts[-1][0], bytes(parts[-1][1]).lower()
-        headers[name] = headers.get(name, b"") + chunk[start:end]
-
-    def header_end() -> None:
-        parts[-1][1] = bytearray()
-
-    def part_data(chunk: bytes, start: int, end: int) -> None:
-        parts[-1][2] += chunk[start:end]
-
-    callbacks = {"on_part_begin": lambda: parts.append([{}, bytearray(), bytearray()]),
-                 "on_header_field": header_field, "on_header_value": header_value,
-                 "on_header_end": header_end, "on_part_data": part_data}
-    try:
-        parser = MultipartParser(params[b"boundary"], callbacks)
-        parser.write(data)
-        parser.finalize()
-    except MultipartParseError as e:
-        raise ServiceError(400, f"malformed multipart body: {e}", "bad_request") from None
     fields: dict[str, str] = {}
     files: list[tuple[str, bytes]] = []
-    for headers, _, content in parts:
-        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        name = disposition.get(b"name", b"").decode(errors="replace")
-        if not name:
-            raise ServiceError(400, "malformed multipart body: a part without a Content-Disposition "
-                                    "name", "bad_request")
-        if name not in FIELDS:
-            raise ServiceError(422, f"unknown form field {name!r}; /classify takes "
+    for part in multipart.parts(content_type, data):
+        if part.name not in FIELDS:
+            raise ServiceError(422, f"unknown form field {part.name!r}; /classify takes "
                                     f"{', '.join(FIELDS)}", "invalid_parameter")
-        if name == "image":
-            filename = disposition.get(b"filename", b"").decode(errors="replace")
-            files.append((filename or f"image[{len(files)}]", bytes(content)))
+        if part.name == "image":
+            files.append((part.filename or f"image[{len(files)}]", part.content))
         else:
-            fields[name] = content.decode(errors="replace").strip()
+            fields[part.name] = part.content.decode(errors="replace").strip()
     return fields, files
 
 
@@ -123,9 +76,10 @@ class ClassifyRoute:
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status = 200
+        status, headers = 200, {}
         try:
             if scope["method"] != "POST":
+                headers = {"allow": "POST"}
                 raise ServiceError(405, f"{self.path} takes POST (multipart/form-data)")
             data = await read_body(scope, receive, self.limit)
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
@@ -134,14 +88,16 @@ class ClassifyRoute:
             payload = await bentoml.get_current_service().classify(files, model, top_k, invert)
         except ServiceError as e:
             status, payload = e.status, body(e.status, e.type, e.message)
+            headers = {**headers, **e.headers()}
         except ConnectionResetError:
             return
         except Exception:  # noqa: BLE001 - a bug still gets our JSON shape, and the log gets the trace
-            log.exception("POST %s failed", self.path)
+            log.exception("POST %s failed (request_id=%s)", self.path, REQUEST_ID.get())
             status, payload = 500, body(500, "internal_error", "internal error; see the server log")
         out = json.dumps(payload, ensure_ascii=False).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(out)).encode())]})
+                                (b"content-length", str(len(out)).encode()),
+                                *((k.encode(), v.encode()) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": out})
         REQUEST_SECONDS.labels(endpoint=self.path, status=str(status)).observe(time.perf_counter() - started)

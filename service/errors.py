@@ -1,31 +1,42 @@
 """One JSON shape for every error status:
 
-    {"error": {"status": 422, "type": "invalid_image", "message": "what is wrong and what to change"}}
+    {"error": {"status": 422, "type": "invalid_image", "message": "what is wrong and what to change",
+               "request_id": "…"}}
 
-Our own errors are `ServiceError`s, turned into responses by the API methods. BentoML's own errors
-(pydantic validation → 400 object, BentoMLException → 400 *list*, unknown route → plain text, 429,
-503, 504, 500) are rewritten into the same shape by `ErrorShapeMiddleware`, which also enforces the
-request-body limit (BentoML has none).
+Our own errors are `ServiceError`s, turned into responses by the fronts. BentoML's own errors
+(pydantic validation → 400 object, BentoMLException → 400 *list*, unknown route → plain text, 500)
+are rewritten into the same shape by service/gate.py, which also adds the request ID.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from starlette.responses import JSONResponse
 
-_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-          415: "unsupported_media_type", 422: "invalid_input", 429: "too_many_requests",
-          500: "internal_error", 503: "unavailable", 504: "timeout"}
+TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+         408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
+         422: "invalid_input", 429: "too_many_requests", 500: "internal_error", 503: "unavailable",
+         504: "timeout"}
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None) -> None:
+    """An answer that is not a success: status, a machine-readable type, and a message that says
+    what to change. `retry_after` (seconds) becomes a Retry-After header (429, 503)."""
+
+    def __init__(self, status: int, message: str, type_: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_ or _TYPES.get(status, "error")
+        self.status, self.message, self.type = status, message, type_ or TYPES.get(status, "error")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"retry-after": str(max(1, math.ceil(self.retry_after)))}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(body(self.status, self.type, self.message), status_code=self.status)
+        return JSONResponse(body(self.status, self.type, self.message), status_code=self.status,
+                            headers=self.headers())
 
 
 def body(status: int, type_: str, message: str, details: object = None) -> dict:
@@ -35,7 +46,8 @@ def body(status: int, type_: str, message: str, details: object = None) -> dict:
     return {"error": error}
 
 
-def _reshape(status: int, raw: bytes) -> dict:
+def reshape(status: int, raw: bytes) -> dict:
+    """Any error body (ours, BentoML's, plain text) → our shape."""
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -46,64 +58,7 @@ def _reshape(status: int, raw: bytes) -> dict:
         return parsed  # already ours
     message = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
     details = parsed.get("detail") if isinstance(parsed, dict) else None
-    if status == 400 and details:
-        message = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details)
-    return body(status, _TYPES.get(status, "error"), str(message) or f"HTTP {status}", details)
-
-
-class ErrorShapeMiddleware:
-    """Pure ASGI middleware: 413 for bodies over the limit; every ≥ 400 response in our shape."""
-
-    def __init__(self, app, max_request_bytes: int) -> None:
-        self.app, self.limit = app, max_request_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._send_error(send, 413, f"request body of {int(length)} bytes is over the "
-                                                     f"{self.limit}-byte limit; send smaller images")
-        received = 0
-
-        async def counting_receive():  # bodies without Content-Length (chunked) are counted too
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise ServiceError(413, f"request body is over the {self.limit}-byte limit")
-            return message
-
-        start: dict = {}
-        chunks: list[bytes] = []
-
-        async def reshaping_send(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-                if message["status"] < 400:
-                    return await send(message)
-                return None
-            if start["status"] < 400:
-                return await send(message)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                await self._send_json(send, start["status"], _reshape(start["status"], b"".join(chunks)),
-                                      start.get("headers", []))
-            return None
-
-        try:
-            await self.app(scope, counting_receive, reshaping_send)
-        except ServiceError as e:
-            if not start:
-                await self._send_error(send, e.status, e.message)
-
-    async def _send_error(self, send, status: int, message: str) -> None:
-        await self._send_json(send, status, body(status, _TYPES.get(status, "error"), message), [])
-
-    @staticmethod
-    async def _send_json(send, status: int, payload: dict, headers) -> None:
-        out = json.dumps(payload).encode()
-        kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
-        kept += [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": kept})
-        await send({"type": "http.response.body", "body": out})
+    if status == 400 and isinstance(details, list) and details:
+        message = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details
+                            if isinstance(d, dict))
+    return body(status, TYPES.get(status, "error"), str(message) or f"HTTP {status}", details)

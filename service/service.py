@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import json
 import logging
 import math
 import threading
@@ -22,23 +23,25 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import dense, heatmap, images, options
+from service import dense, drain, heatmap, images, options
 from service.classify_route import ClassifyRoute
-from service.engine import Engine
+from service.engine import Engine, Overloaded
 from service.engine.sessions import Model
 from service.engine.store import check_store
-from service.errors import ErrorShapeMiddleware, ServiceError
+from service.errors import ServiceError
+from service.gate import Gate, Traffic
+from service.openapi import OpenAPIRoute
 from service.settings import Settings
 
-# BentoML json-decodes each multipart form field, so `-F scales=1` arrives as an int and `-F classes=7`
-# as a number: list-valued options accept either and are parsed by service.options.
-FormText = str | int | float
+# BentoML json-decodes each multipart form field, so `-F scales=1` arrives as an int, `-F model=null` as
+# None: text fields turn whatever JSON value arrived back into the text that was sent.
+FormText = Annotated[str, BeforeValidator(lambda v: v if isinstance(v, str) else json.dumps(v))]
 # Requests with more image bytes than this are decoded and resized in a thread (Pillow releases the GIL
 # there, so it runs beside the event loop); smaller ones inline, where a thread hop (~50–100 µs) would
 # cost more than the work: a digit PNG is ~300 bytes, a 224² JPEG photo ~15 kB.
@@ -46,7 +49,15 @@ INLINE_DECODE_BYTES = 4096
 
 settings = Settings()
 log = logging.getLogger("convserve")
+if not log.handlers:  # BentoML configures only its own loggers
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s:%(process)d] %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S%z"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 check_store(settings.model_tags)
+traffic = Traffic()  # this worker's requests in flight: the gate admits by it, the drain waits on it
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -64,11 +75,14 @@ read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 @bentoml.asgi_app(read_only, path="/")  # a passive mount: only /models, shadows nothing
 @bentoml.service(
     workers=settings.workers,
-    traffic={"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
-    # /classify is the hot path: BentoML's per-request access-log line and tracing span cost a large
-    # share of a LeNet request (BENCHMARKS.md). Its request metrics still count /classify, and
-    # ClassifyRoute adds its own latency histogram by status.
-    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/classify"]}},
+    # Admission, deadlines and shedding are service/gate.py's (it says why); BentoML's timeout stays
+    # only as a backstop behind the gate's, and its max_concurrency is off.
+    traffic={"timeout": settings.timeout_s + 30},
+    # The gate writes one access line per request, with its request ID; BentoML's would be a second.
+    # /classify is the hot path: BentoML's tracing span costs a large share of a LeNet request
+    # (BENCHMARKS.md). Its request metrics still count /classify, and ClassifyRoute adds its own
+    # latency histogram by status.
+    logging={"access": {"enabled": False}},
     tracing={"excluded_urls": ["/classify"]},
 )
 class ConvServe:
@@ -81,6 +95,10 @@ class ConvServe:
                                   names[0])
         self.dense_lock: asyncio.Lock | None = None
         self.ready = False
+        try:
+            drain.install(traffic, settings.timeout_s)
+        except (RuntimeError, ValueError):  # no running loop, or not the main thread: not served
+            log.info("no graceful drain: the service was not built by a server's main thread")
         # Warm up off the start-up path, so /readyz answers 503 (not silence) until it is done.
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
@@ -93,7 +111,7 @@ class ConvServe:
         self.ready = True
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return self.ready and not traffic.draining
 
     @bentoml.on_shutdown
     def _close(self) -> None:
@@ -120,7 +138,12 @@ class ConvServe:
             x = await asyncio.to_thread(self.window_pixels, files, model, invert)
         else:
             x = self.window_pixels(files, model, invert)
-        probs = dense.softmax((await self.engine.submit(model.name, x))[:, :, 0, 0], axis=1)  # (N, K)
+        try:
+            scores = await self.engine.submit(model.name, x)  # (N, K, 1, 1)
+        except Overloaded as e:
+            raise ServiceError(503, f"{model.name} is overloaded: {e}; retry after the Retry-After "
+                                    f"seconds", "overloaded", retry_after=e.retry_after_s) from None
+        probs = dense.softmax(scores[:, :, 0, 0], axis=1)  # (N, K)
         top = np.argsort(-probs, axis=1)[:, :top_k]
         return {"model": model.name, "version": model.card["version"], "predictions": [
             {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p[k]), 6)}
@@ -148,7 +171,7 @@ class ConvServe:
     @bentoml.api(route="/classify_base64")
     async def classify_base64(
         self,
-        images_b64: list[str],
+        images_b64: Annotated[list[str], Field(min_length=1)],
         model: str = "",
         top_k: Annotated[int, Field(ge=1)] = 1,
         invert: bool = False,
@@ -165,7 +188,7 @@ class ConvServe:
     async def score_map(
         self,
         image: Path,
-        model: str = "",
+        model: FormText = "",
         outputs: FormText = "detections",
         threshold: Annotated[float, Field(ge=0, le=1)] = 0.8,
         nms_iou: Annotated[float, Field(ge=0, le=1)] = 0.3,
@@ -182,14 +205,16 @@ class ConvServe:
         training size (an image pyramid). `stride_factor` k: stride ÷ k by shift-and-stitch (k² passes).
         `invert`: dark ink on light paper. Large images are scored in tiles; the map is the same."""
         try:
-            opts = options.parse(outputs=str(outputs), threshold=threshold, nms_iou=nms_iou,
-                                 classes=str(classes), stride_factor=stride_factor, scales=str(scales),
-                                 heatmap_class=str(heatmap_class), invert=invert)
+            opts = options.parse(outputs=outputs, threshold=threshold, nms_iou=nms_iou, classes=classes,
+                                 stride_factor=stride_factor, scales=scales, heatmap_class=heatmap_class,
+                                 invert=invert)
             served = self._model(model, self.default_dense)
-            data = Path(image).read_bytes()
-            im = await asyncio.to_thread(images.decode, data, settings.max_image_pixels, "image")
             self.dense_lock = self.dense_lock or asyncio.Lock()
-            async with self.dense_lock:  # one dense request at a time: each already uses every core
+            # One dense request at a time (each already uses every core); how many may wait is the
+            # gate's route limit, checked before their bodies are read.
+            async with self.dense_lock:
+                im = await asyncio.to_thread(images.decode, Path(image).read_bytes(),
+                                             settings.max_image_pixels, "image")
                 return await asyncio.to_thread(self._score, served, im, opts)
         except ServiceError as e:
             return e.response()
@@ -249,6 +274,11 @@ class ConvServe:
         return out
 
 
-# POST /classify is answered by ClassifyRoute (see its docstring for why); it goes first, so outermost.
+# Middlewares added first are outermost: the gate sees every request first, then ClassifyRoute answers
+# POST /classify itself (see its docstring for why); OpenAPIRoute completes BentoML's /docs.json;
+# everything else goes on to BentoML.
+ConvServe.add_asgi_middleware(Gate, settings=settings, traffic=traffic,
+                              route_limits={"/score_map": 1 + settings.max_dense_queue})
+ConvServe.add_asgi_middleware(OpenAPIRoute, settings=settings,
+                              bentoml_spec=lambda: ConvServe.openapi_spec.asdict())
 ConvServe.add_asgi_middleware(ClassifyRoute, max_request_bytes=settings.max_request_bytes)
-ConvServe.add_asgi_middleware(ErrorShapeMiddleware, max_request_bytes=settings.max_request_bytes)

@@ -44,7 +44,18 @@ class Settings(BaseSettings):
     min_classify_side: int = Field(8, ge=1, description="smallest image side /classify accepts")
     warmup_rounds: int = Field(3, ge=1, description="warm-up passes per model and shape before ready")
     timeout_s: int = Field(60, ge=1, description="per-request timeout (504 above)")
-    max_concurrency: int = Field(256, ge=1, description="requests in flight per worker (429 above)")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight per worker, counted once "
+                                 "their body has arrived (429 with Retry-After above)")
+    max_queue_ms: float = Field(1000, gt=0, description="a model's queue bound, as estimated waiting "
+                                "time: requests beyond it get 503 with Retry-After at once, and a "
+                                "request that waits longer anyway gets 503 instead of running")
+    max_dense_queue: int = Field(2, ge=0, description="/score_map requests that may wait while one "
+                                 "runs (503 with Retry-After beyond)")
+    body_timeout_s: float = Field(10, gt=0, description="a client that sends no body bytes for this "
+                                  "long gets 408 (stalled uploads hold no inference slot meanwhile)")
+    api_keys: str = Field("", description="comma-separated keys; when set, every route except health, "
+                          "metrics and docs needs `Authorization: Bearer <key>` (401 otherwise)")
+    access_log: bool = Field(True, description="one log line per request, with its X-Request-ID")
 
     @property
     def model_tags(self) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import numpy as np
@@ -15,7 +16,7 @@ from conftest import PYTHON, ROOT
 from onnx import TensorProto, helper, numpy_helper
 
 from service.card import InputSpec
-from service.engine import Engine
+from service.engine import Engine, Overloaded
 from service.engine.buckets import bucket_for, bucket_sizes, pad, warm_sizes
 from service.engine.sessions import open_model
 from service.engine.worker import ModelWorker
@@ -306,3 +307,52 @@ def test_layers_import_in_one_direction():
                 "sys.exit('onnxruntime' in sys.modules)")
     result = subprocess.run([PYTHON, "-c", pipeline], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_full_queue_refuses_at_once_and_a_request_that_waited_too_long_is_not_run(held):
+    """Shedding (service/engine/batcher.py): over the estimated-wait bound → Overloaded at put; a
+    queued request older than the bound → Overloaded when its turn comes, and the model never sees it.
+    Dense work (shed=False) is never shed."""
+    model, _, _ = held
+    worker = ModelWorker(model, 8, list(range(1, 9)), 0, lambda b: None, max_queue_ms=100)
+    try:
+        (busy,) = worker.submit(images(1), shed=True)
+        assert model.entered.wait(10)  # the model holds `busy`; what follows queues
+        worker.queue.seconds_per_item = 0.04  # as if measured: 2 images ≈ 0.08 s, 3 ≈ 0.12 s > 0.1 s
+        (stale,) = worker.submit(images(2), shed=True)
+        with pytest.raises(Overloaded) as refused:
+            worker.submit(images(3, n=2), shed=True)
+        assert refused.value.retry_after_s > 0
+        (dense,) = worker.submit(images(5, shape=(1, 9, 9)))  # unshed: queued whatever the estimate
+        time.sleep(0.3)  # `stale` is now older than the 0.1 s bound
+        model.gate.set()
+        assert busy.result(10).item() == 1 and dense.result(10).shape == (1, 1, 1, 1)
+        with pytest.raises(Overloaded, match="waited"):
+            stale.result(10)
+    finally:
+        model.gate.set()
+        worker.close()
+    assert [shape[0] for shape in model.calls] == [1, 1] and model.calls[1][2:] == (9, 9)
+
+
+def test_an_onnxruntime_error_fails_only_its_request_and_the_model_serves_on(tmp_path):
+    """A real onnxruntime failure: Gather with an index out of range (the image's largest pixel)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["input"], ["peak"], axes=[1, 2, 3], keepdims=1),
+         helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "index"], ["scores"])], "gather",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "table")])
+    path = tmp_path / "gather.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    settings = Settings(threads=1, max_batch_size=4, batch_buckets="none", switch_interval_ms=0)
+    engine = Engine([open_model("tiny:1", CARD, str(path), settings)], settings, observe=lambda b: None)
+    try:
+        assert engine.run("tiny", images(3)).item() == 30
+        with pytest.raises(Exception, match="(?i)out of (data )?bounds|indices"):
+            engine.run("tiny", images(50))
+        assert engine.run("tiny", images(4)).item() == 40
+        assert engine.workers["tiny"].thread.is_alive()
+    finally:
+        engine.close()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.engine import metrics
+from service.engine.batcher import Overloaded  # noqa: F401 - the fronts catch it as engine.Overloaded
 from service.engine.buckets import bucket_sizes
 from service.engine.metrics import Batch
 from service.engine.sessions import CUDA, Model
@@ -43,7 +44,7 @@ class Engine:
             m.name: ModelWorker(m, settings.max_batch_size,
                                 bucket_sizes(settings.batch_buckets, settings.max_batch_size,
                                              on_gpu=m.provider == CUDA),
-                                settings.batch_wait_ms, observe)
+                                settings.batch_wait_ms, observe, settings.max_queue_ms)
             for m in models}
 
     @classmethod
@@ -58,8 +59,10 @@ class Engine:
 
     async def submit(self, model: str, x: np.ndarray) -> np.ndarray:
         """Scores of x (N, C, H, W), batched with whatever else waits for `model`. A cancelled caller's
-        images are dropped from the queue if they have not started."""
-        futures = self.workers[model].submit(x)
+        images are dropped from the queue if they have not started. Raises batcher.Overloaded when the
+        model's queue is past its bound (CONVSERVE_MAX_QUEUE_MS), at once or once it has waited that
+        long."""
+        futures = self.workers[model].submit(x, shed=True)
         if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
             return await asyncio.wrap_future(futures[0])
         return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))

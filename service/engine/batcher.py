@@ -6,6 +6,12 @@ takes all of them, up to `max_items` images: batch size adapts to load. A batch 
 item shape only (a dense tile never joins a batch of digits); requests of other shapes keep their
 place in the queue.
 
+Shedding: a request that would wait longer than `max_queue_s` is refused at once with `Overloaded`
+(the wait estimated from the images queued and the recent cost per image), and one that has waited
+that long anyway is failed with it instead of run: work nobody will wait for is not done. Only
+requests put with `shed=True` (the fronts' images) are shed; dense tiles are bounded by their own
+front (service.py) and run once admitted.
+
 Written by hand rather than using BentoML's batchable APIs, which take exactly one argument and reach
 the batched method through a serializing proxy (measured 1.4–4 ms per call, more than LeNet's whole
 forward pass), and thread-safe rather than asyncio, because the model runs on its own thread (see
@@ -23,33 +29,49 @@ from typing import NamedTuple
 import numpy as np
 
 
+class Overloaded(RuntimeError):
+    """The model's queue is longer than its bound: try again in `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Request(NamedTuple):
     x: np.ndarray  # (n, C, H, W), n ≤ max_items
     future: Future  # receives the scores (n, K, h, w), or the model's exception
     enqueued: float  # time.perf_counter() at submit
+    shed: bool  # may be failed with Overloaded once it has waited max_queue_s
 
 
 class BatchQueue:
-    def __init__(self, max_items: int, wait_s: float = 0.0) -> None:
-        self.max_items, self.wait_s = max_items, wait_s
+    def __init__(self, max_items: int, wait_s: float = 0.0, max_queue_s: float = float("inf")) -> None:
+        self.max_items, self.wait_s, self.max_queue_s = max_items, wait_s, max_queue_s
+        self.seconds_per_item = 0.0  # EWMA, from observe(): what one queued image costs to clear
         self._queue: deque[Request] = deque()
+        self._items = 0  # images queued
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, x: np.ndarray) -> Future:
+    def put(self, x: np.ndarray, shed: bool = False) -> Future:
         if len(x) > self.max_items:
             raise ValueError(f"{len(x)} items in one request; split it into at most {self.max_items}")
-        request = Request(x, Future(), time.perf_counter())
+        request = Request(x, Future(), time.perf_counter(), shed)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
+            wait = (self._items + len(x)) * self.seconds_per_item
+            if shed and wait > self.max_queue_s:
+                raise Overloaded(f"{self._items} images queued, about {wait:.2f} s of work, over the "
+                                 f"{self.max_queue_s:g} s queue bound", wait - self.max_queue_s)
             self._queue.append(request)
+            self._items += len(x)
             self._ready.notify()
         return request.future
 
-    def _items(self) -> int:
-        """Images queued (called with the lock held)."""
-        return sum(len(r.x) for r in self._queue)
+    def observe(self, items: int, seconds: float) -> None:
+        """A batch of `items` took `seconds`: update the cost per image the shedding estimate uses."""
+        self.seconds_per_item += 0.2 * (seconds / items - self.seconds_per_item)
 
     def close(self) -> None:
         """Stop taking requests; the waiting ones get an error, not silence."""
@@ -59,6 +81,7 @@ class BatchQueue:
                 request = self._queue.popleft()
                 if request.future.set_running_or_notify_cancel():
                     request.future.set_exception(RuntimeError("the engine shut down first"))
+            self._items = 0
             self._ready.notify_all()
 
     def take(self) -> list[Request]:
@@ -71,7 +94,7 @@ class BatchQueue:
                     self._ready.wait()
                 if self.wait_s and not self._closed:
                     deadline = self._queue[0].enqueued + self.wait_s
-                    while not self._closed and self._items() < self.max_items and \
+                    while not self._closed and self._items < self.max_items and \
                             (left := deadline - time.perf_counter()) > 0:
                         self._ready.wait(left)
                 if self._closed:
@@ -81,19 +104,28 @@ class BatchQueue:
                     return batch
 
     def _assemble(self) -> list[Request]:
-        """Called with the lock held: the batch, in arrival order; everything else stays queued."""
+        """Called with the lock held: the batch, in arrival order; everything else stays queued.
+        Requests that waited past the queue bound are failed here, not run."""
         key = self._queue[0].x.shape[1:], self._queue[0].x.dtype
         batch, kept, items = [], deque(), 0
+        expired = time.perf_counter() - self.max_queue_s
         while self._queue:
             request = self._queue.popleft()
-            if (request.x.shape[1:], request.x.dtype) != key:
+            if request.shed and request.enqueued < expired:
+                self._items -= len(request.x)
+                if request.future.set_running_or_notify_cancel():
+                    request.future.set_exception(Overloaded(
+                        f"waited over the {self.max_queue_s:g} s queue bound", self.max_queue_s))
+            elif (request.x.shape[1:], request.x.dtype) != key:
                 kept.append(request)
             elif items + len(request.x) > self.max_items:  # full: this one goes first next time
                 kept.append(request)
                 kept.extend(self._queue)
                 self._queue.clear()
-            elif request.future.set_running_or_notify_cancel():
-                batch.append(request)
-                items += len(request.x)
+            else:
+                self._items -= len(request.x)
+                if request.future.set_running_or_notify_cancel():
+                    batch.append(request)
+                    items += len(request.x)
         self._queue = kept
         return batch

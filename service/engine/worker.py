@@ -34,16 +34,25 @@ log = logging.getLogger("convserve")
 
 class ModelWorker:
     def __init__(self, model: Model, max_batch_size: int, buckets: list[int], wait_ms: float,
-                 observe: Callable[[Batch], None]) -> None:
+                 observe: Callable[[Batch], None], max_queue_ms: float = float("inf")) -> None:
         self.model, self.buckets, self.observe = model, buckets, observe
-        self.queue = BatchQueue(max_batch_size, wait_ms / 1000)
+        self.queue = BatchQueue(max_batch_size, wait_ms / 1000, max_queue_ms / 1000)
         self.thread = threading.Thread(target=self._loop, name=f"infer-{model.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, x: np.ndarray) -> list[Future]:
-        """(n, C, H, W) → futures of the scores of consecutive slices of at most max_batch_size rows."""
+    def submit(self, x: np.ndarray, shed: bool = False) -> list[Future]:
+        """(n, C, H, W) → futures of the scores of consecutive slices of at most max_batch_size rows.
+        With `shed`, raises batcher.Overloaded instead of queueing past the queue bound."""
         step = self.queue.max_items
-        return [self.queue.put(x[i : i + step]) for i in range(0, len(x), step)]
+        futures: list[Future] = []
+        try:
+            for i in range(0, len(x), step):
+                futures.append(self.queue.put(x[i : i + step], shed))
+        except Exception:
+            for future in futures:  # all or nothing: the slices already queued are withdrawn
+                future.cancel()
+            raise
+        return futures
 
     def close(self) -> None:
         self.queue.close()
@@ -73,6 +82,8 @@ class ModelWorker:
         started = time.perf_counter()
         scores = self.model.run(x)[:n]  # (n, K, h, w)
         finished = time.perf_counter()
+        if window:
+            self.queue.observe(n, finished - started)
         row = 0
         for request in batch:
             request.future.set_result(scores[row : row + len(request.x)])

@@ -1,0 +1,64 @@
+"""multipart/form-data bodies parsed in one pass, in memory (python-multipart, the parser Starlette
+uses, without its temp files), with every malformation a 400 in our shape.
+
+Used by /classify to read its form, and by service/openapi.py to refuse malformed bodies before they
+reach BentoML (whose multipart errors came out as 500s).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import ServiceError
+
+
+class Part(NamedTuple):
+    name: str
+    filename: str | None  # None: a text field
+    content: bytes
+
+
+def parts(content_type: bytes, data: bytes) -> list[Part]:
+    """The body's parts, in order; 400 when it is not well-formed multipart with named parts."""
+    _, params = parse_options_header(content_type)
+    if b"boundary" not in params:
+        raise ServiceError(400, "multipart/form-data without a boundary parameter; let your HTTP client "
+                                "build the body (curl -F image=@file.png)", "bad_request")
+    raw: list[tuple[dict[bytes, bytes], bytearray, bytearray]] = []  # (headers, header name, data)
+
+    def header_field(chunk: bytes, start: int, end: int) -> None:
+        raw[-1][1].extend(chunk[start:end])
+
+    def header_value(chunk: bytes, start: int, end: int) -> None:
+        headers, name = raw[-1][0], bytes(raw[-1][1]).lower()
+        headers[name] = headers.get(name, b"") + chunk[start:end]
+
+    def header_end() -> None:
+        raw[-1][1].clear()
+
+    def part_data(chunk: bytes, start: int, end: int) -> None:
+        raw[-1][2].extend(chunk[start:end])
+
+    callbacks = {"on_part_begin": lambda: raw.append(({}, bytearray(), bytearray())),
+                 "on_header_field": header_field, "on_header_value": header_value,
+                 "on_header_end": header_end, "on_part_data": part_data}
+    try:
+        parser = MultipartParser(params[b"boundary"], callbacks)
+        parser.write(data)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise ServiceError(400, f"malformed multipart body: {e}", "bad_request") from None
+    out = []
+    for headers, _, content in raw:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode(errors="replace")
+        if not name:
+            raise ServiceError(400, "malformed multipart body: a part without a Content-Disposition "
+                                    "name", "bad_request")
+        filename = disposition.get(b"filename")
+        out.append(Part(name, None if filename is None else filename.decode(errors="replace"),
+                        bytes(content)))
+    return out
