@@ -211,13 +211,25 @@ class ConvServe:
             served = self._model(model, self.default_dense)
             self.dense_lock = self.dense_lock or asyncio.Lock()
             # One dense request at a time (each already uses every core); how many may wait is the
-            # gate's route limit, checked before their bodies are read.
-            async with self.dense_lock:
-                im = await asyncio.to_thread(images.decode, Path(image).read_bytes(),
-                                             settings.max_image_pixels, "image")
-                return await asyncio.to_thread(self._score, served, im, opts)
+            # gate's route limit, checked before their bodies are read. The lock is let go when the
+            # work ends, not when the request does: a request cut off by its timeout (504) cannot
+            # stop its thread, and the next page must not run beside it.
+            await self.dense_lock.acquire()
+            work = asyncio.ensure_future(asyncio.to_thread(self._decode_and_score, served, Path(image),
+                                                           opts))
+            work.add_done_callback(self._dense_done)
+            return await asyncio.shield(work)
         except ServiceError as e:
             return e.response()
+
+    def _dense_done(self, work: asyncio.Future) -> None:
+        self.dense_lock.release()
+        if not work.cancelled() and work.exception() and not isinstance(work.exception(), ServiceError):
+            log.warning("a /score_map failed: %r", work.exception())  # seen even if its client is gone
+
+    def _decode_and_score(self, served: Model, image: Path, opts: options.ScoreOptions) -> dict:
+        im = images.decode(image.read_bytes(), settings.max_image_pixels, "image")
+        return self._score(served, im, opts)
 
     def _score(self, served: Model, im, opts: options.ScoreOptions) -> dict:
         labels, card = served.card["labels"], served.card

@@ -299,7 +299,8 @@ def test_soak_runs_bounded_and_reports_the_footprint(store, tmp_path):
     """`make soak`'s script, for seconds instead of minutes: it runs, and it measures the workers."""
     from loadtest.soak import soak
 
-    result = soak(minutes=0.1, users=4, warmup_s=2, out=tmp_path, home=store)
+    # 30 s: locust itself takes several seconds to start (it synthesizes its pages), inside the run time
+    result = soak(minutes=0.5, users=4, warmup_s=5, out=tmp_path, home=store)
     assert result["failures"] == 0 and result["requests"] > 50, result
     for when in ("at_start", "after_warmup", "at_end"):
         assert result[when]["rss_mib"] > 50 and result[when]["threads"] > 1, result[when]
