@@ -15,8 +15,9 @@ import math
 
 from starlette.responses import JSONResponse
 
-TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-         408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
+TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+         415: "unsupported_media_type",
          422: "invalid_input", 429: "too_many_requests", 500: "internal_error", 503: "unavailable",
          504: "timeout"}
 

@@ -35,9 +35,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from prometheus_client import Gauge
+
 from service.errors import TYPES, ServiceError, body, reshape
 
 log = logging.getLogger("convserve.access")
+# What an autoscaler should scale on (deploy/overlays/keda): work admitted and not yet answered,
+# summed over a pod's worker processes.
+IN_FLIGHT = Gauge("convserve_in_flight_requests", "requests admitted by the gate and not yet answered",
+                  multiprocess_mode="livesum")
 # Health, metrics and docs stay open (probes and scrapers carry no keys) and are never shed.
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
@@ -166,6 +172,7 @@ class Gate:
         data = await read_body(scope, receive, self.limit, self.idle_timeout_s)
         self._admissible(path)  # still room now that the body is here
         traffic.in_flight += 1
+        IN_FLIGHT.inc()
         limited = path in self.route_limits
         if limited:
             traffic.by_route[path] = traffic.by_route.get(path, 0) + 1
@@ -178,6 +185,7 @@ class Gate:
                                     f"send fewer or smaller images per request") from None
         finally:
             traffic.in_flight -= 1
+            IN_FLIGHT.dec()
             spent = time.perf_counter() - admitted
             traffic.latency_s += 0.05 * (spent - traffic.latency_s)
             if limited:

@@ -84,6 +84,20 @@ MODELS = {
             "properties": {"models": {"type": "array", "items": {"type": "object"}},
                            "defaults": {"type": "object"}, "ready": {"type": "boolean"}}}}}}},
     }}
+ADMIN_MODELS = {
+    "post": {
+        "tags": ["Admin"], "operationId": "roll_out",
+        "summary": "Serve another store version of a served model, with no request lost",
+        "description": "Loads the version, warms it, swaps it in; the running batch finishes on the old "
+                       "one. Same inputs and labels only. Needs CONVSERVE_API_KEYS (403 without).",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["tag"], "additionalProperties": False,
+            "properties": {"tag": {"type": "string", "minLength": 1, "description": "name:version"}}}}}},
+        "responses": {"200": {"description": "Now serving", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model", "version", "previous_version", "warmup_ms"],
+            "properties": {"model": {"type": "string"}, "version": {"type": "string"},
+                           "previous_version": {"type": "string"}, "warmup_ms": {"type": "number"}}}}}}},
+    }}
 HEALTH = {"/livez", "/healthz", "/readyz", "/metrics"}
 FORM = "multipart/form-data"
 
@@ -103,6 +117,7 @@ def complete(spec: dict, settings: Settings) -> dict:
     schemas["Error"] = ERROR
     spec["paths"]["/classify"] = CLASSIFY
     spec["paths"]["/models"] = MODELS
+    spec["paths"]["/admin/models"] = ADMIN_MODELS
     if settings.api_keys:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, item in spec["paths"].items():
@@ -121,6 +136,10 @@ def complete(spec: dict, settings: Settings) -> dict:
                 for status in ("400", "408", "413", "415", "422"):
                     responses.pop(status)
             responses["200"].setdefault("headers", {}).update(REQUEST_ID)
+            if path == "/admin/models":
+                responses["403"] = {"description": "The server has no API keys: rollout is off",
+                                    "content": {"application/json": {"schema": {
+                                        "$ref": "#/components/schemas/Error"}}}}
             if settings.api_keys:
                 operation["security"] = [{"bearer": []}]
             else:

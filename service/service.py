@@ -68,11 +68,51 @@ async def list_models(request: Request) -> JSONResponse:
                          "ready": service.ready})
 
 
-# GET routes live in a small Starlette app: BentoML's @api methods are POST-only.
-read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
+async def roll_out(request: Request) -> JSONResponse:
+    """POST /admin/models {"tag": "lenet5:<version>"}: load that store version of a served model,
+    warm it, and serve it in place of the current one without losing a request (Engine.roll_out).
+    Needs API keys configured (it changes what the server answers). Swaps the model in the worker
+    process that receives it: run one worker per server (the Kubernetes layout) or call each."""
+    service = bentoml.get_current_service()
+    try:
+        if not settings.api_keys:
+            raise ServiceError(403, "model rollout is off without API keys: start the server with "
+                                    "CONVSERVE_API_KEYS and send one as `Authorization: Bearer <key>`",
+                               "forbidden")
+        try:
+            payload = await request.json()
+        except ValueError:
+            raise ServiceError(400, 'send JSON: {"tag": "lenet5:<version>"}') from None
+        tag = payload.get("tag") if isinstance(payload, dict) else None
+        if not isinstance(tag, str) or not tag:
+            raise ServiceError(422, 'send {"tag": "<model>:<version>"}: a tag from `bentoml models list`',
+                               "invalid_parameter")
+        service.rollout_lock = service.rollout_lock or asyncio.Lock()
+        async with service.rollout_lock:  # one at a time: each loads and warms a whole model
+            new, old = await asyncio.to_thread(service.engine.roll_out, tag)
+    except ServiceError as e:
+        return e.response()
+    except KeyError:
+        return ServiceError(404, f"{tag.partition(':')[0]!r} is not served here; served: "
+                                 f"{', '.join(service.models)} (a new model needs a restart with "
+                                 f"CONVSERVE_MODELS)", "unknown_model").response()
+    except bentoml.exceptions.NotFound:
+        return ServiceError(404, f"{tag} is not in the model store; `bentoml models list` shows what is",
+                            "unknown_model").response()
+    except (ValueError, bentoml.exceptions.BentoMLException) as e:
+        return ServiceError(422, f"{tag} cannot replace the served version: {e}",
+                            "invalid_parameter").response()
+    log.warning("rolled out %s in place of %s (warm-up %.0f ms)", new.tag, old.tag, new.warmup_ms)
+    return JSONResponse({"model": new.name, "version": new.card["version"],
+                         "previous_version": old.card["version"], "warmup_ms": new.warmup_ms})
 
 
-@bentoml.asgi_app(read_only, path="/")  # a passive mount: only /models, shadows nothing
+# GET /models and the admin route live in a small Starlette app beside BentoML's @api methods.
+read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
+                              Route("/admin/models", roll_out, methods=["POST"])])
+
+
+@bentoml.asgi_app(read_only, path="/")  # a passive mount: only these two routes, shadows nothing
 @bentoml.service(
     workers=settings.workers,
     # Admission, deadlines and shedding are service/gate.py's (it says why); BentoML's timeout stays
@@ -88,7 +128,7 @@ read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
 class ConvServe:
     def __init__(self) -> None:
         self.engine = Engine.from_store(settings)
-        self.models = self.engine.models
+        self.rollout_lock: asyncio.Lock | None = None
         names = list(self.models)
         self.default_classify = names[0]
         self.default_dense = next((n for n in names if dense.BACKGROUND in self.models[n].card["labels"]),
@@ -109,6 +149,11 @@ class ConvServe:
         # (they were the p99 under load: ~90 ms vs ~20 ms after; BENCHMARKS.md).
         gc.freeze()
         self.ready = True
+
+    @property
+    def models(self) -> dict[str, Model]:
+        """The versions served now (POST /admin/models may replace one)."""
+        return self.engine.models
 
     def __is_ready__(self) -> bool:
         return self.ready and not traffic.draining

@@ -356,3 +356,22 @@ def test_an_onnxruntime_error_fails_only_its_request_and_the_model_serves_on(tmp
         assert engine.workers["tiny"].thread.is_alive()
     finally:
         engine.close()
+
+
+def test_replace_takes_only_a_version_with_the_same_inputs_and_labels(tiny_onnx):
+    path, _ = tiny_onnx
+    settings = Settings(threads=1, switch_interval_ms=0)
+    engine = Engine([open_model("tiny:1", CARD, path, settings)], settings, observe=lambda b: None)
+    worker = engine.workers["tiny"]
+    try:
+        same = open_model("tiny:2", {**CARD, "version": "2"}, path, settings)
+        assert worker.replace(same).tag == "tiny:1" and engine.models["tiny"] is same
+        relabelled = open_model("tiny:3", {**CARD, "labels": ["x", "y"]}, path, settings)
+        with pytest.raises(ValueError, match="labels"):
+            worker.replace(relabelled)
+        resized = open_model("tiny:4", {**CARD, "dense": {**CARD["dense"], "window": 5}}, path, settings)
+        with pytest.raises(ValueError, match="window_shape"):
+            worker.replace(resized)
+        assert engine.run("tiny", images(1)).shape == (1, 2, 1, 1)
+    finally:
+        engine.close()

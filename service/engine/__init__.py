@@ -79,6 +79,21 @@ class Engine:
         for worker in self.workers.values():
             worker.warm_up(self.settings.warmup_rounds, dense_side=4 * worker.model.window)
 
+    def roll_out(self, tag: str) -> tuple[Model, Model]:
+        """Load another version of a served model from the store, warm it, and serve it in place of
+        the current one with no request lost (ModelWorker.replace). Blocking (seconds): call from a
+        thread. Returns (new, old); raises KeyError for a model not served, ValueError for a version
+        that cannot replace it."""
+        from service.engine.store import load
+
+        name = tag.partition(":")[0]
+        if name not in self.workers:
+            raise KeyError(name)
+        worker = self.workers[name]
+        model = load(tag, self.settings)
+        worker.warm_up(self.settings.warmup_rounds, dense_side=4 * model.window, model=model)
+        return model, worker.replace(model)
+
     def close(self) -> None:
         for worker in self.workers.values():
             worker.close()

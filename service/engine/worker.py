@@ -72,15 +72,16 @@ class ModelWorker:
             self.queue.close()
 
     def _run(self, batch: list[Request]) -> None:
+        model = self.model  # one version for the whole batch, even if replace() swaps it meanwhile
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (n, C, H, W)
         n = len(x)
-        window = x.shape[1:] == self.model.window_shape
+        window = x.shape[1:] == model.window_shape
         size = bucket_for(n, self.buckets) if window else n  # dense images run alone, at their size
         if x.dtype == np.uint8:
-            x = self.model.input.normalize(x)  # once per batch, vectorized
+            x = model.input.normalize(x)  # once per batch, vectorized
         x = pad(x, size)
         started = time.perf_counter()
-        scores = self.model.run(x)[:n]  # (n, K, h, w)
+        scores = model.run(x)[:n]  # (n, K, h, w)
         finished = time.perf_counter()
         if window:
             self.queue.observe(n, finished - started)
@@ -89,20 +90,35 @@ class ModelWorker:
             request.future.set_result(scores[row : row + len(request.x)])
             row += len(request.x)
         try:
-            self.observe(Batch(self.model.name, "window" if window else "dense", n, size,
+            self.observe(Batch(model.name, "window" if window else "dense", n, size,
                                started - batch[0].enqueued, finished - started))
         except Exception:  # noqa: BLE001 - the answers are out; a metrics failure is only logged
             log.exception("%s: metrics not recorded", self.model.name)
 
-    def warm_up(self, rounds: int, dense_side: int) -> None:
+    def warm_up(self, rounds: int, dense_side: int, model: Model | None = None) -> None:
         """Run each bucket size (and one dense shape) `rounds` times, so the first requests pay no
-        set-up; called before the server says ready."""
+        set-up; called before the server says ready, and for a new version before replace()."""
+        model = model or self.model
         started = time.perf_counter()
-        shapes = [(n, *self.model.window_shape) for n in warm_sizes(self.buckets)]
-        shapes.append((1, self.model.input.channels, dense_side, dense_side))
+        shapes = [(n, *model.window_shape) for n in warm_sizes(self.buckets)]
+        shapes.append((1, model.input.channels, dense_side, dense_side))
         for _ in range(rounds):
             for shape in shapes:
-                self.model.run(np.zeros(shape, np.uint8))
-        self.model.warmup_ms = round((time.perf_counter() - started) * 1000, 1)
-        self.model.shapes_warmed = [list(s) for s in shapes]
-        log.info("warmed up %s in %.0f ms (%d shapes)", self.model.tag, self.model.warmup_ms, len(shapes))
+                model.run(np.zeros(shape, np.uint8))
+        model.warmup_ms = round((time.perf_counter() - started) * 1000, 1)
+        model.shapes_warmed = [list(s) for s in shapes]
+        log.info("warmed up %s in %.0f ms (%d shapes)", model.tag, model.warmup_ms, len(shapes))
+
+    def replace(self, model: Model) -> Model:
+        """Serve `model` (warmed) from the next batch on; the batch running now finishes on the old
+        version, which is freed once nothing holds it. One attribute swap: atomic under the GIL.
+        Only a version with the same inputs and labels: queued images and the fronts' label lookups
+        must mean the same thing before and after."""
+        old = self.model
+        for what in ("input", "window_shape"):
+            if getattr(model, what) != getattr(old, what):
+                raise ValueError(f"{model.tag} has another {what} than {old.tag}; serve it under a new name")
+        if model.card["labels"] != old.card["labels"]:
+            raise ValueError(f"{model.tag} has other labels than {old.tag}; serve it under a new name")
+        self.model = model
+        return old
