@@ -12,11 +12,9 @@ ahead of BentoML's, for speed; /score_map runs one image through the fully-convo
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
 import logging
-import math
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import dense, drain, heatmap, images, options
+from service import dense, drain, images, options, scoring
 from service.classify_route import ClassifyRoute
 from service.engine import Engine, Overloaded
 from service.engine.sessions import Model
@@ -277,58 +275,8 @@ class ConvServe:
         return self._score(served, im, opts)
 
     def _score(self, served: Model, im, opts: options.ScoreOptions) -> dict:
-        labels, card = served.card["labels"], served.card
-        stride, win = card["dense"]["stride"], served.window
-        if stride % opts.stride_factor:
-            raise ServiceError(422, f"stride_factor={opts.stride_factor} must divide {served.name}'s "
-                                    f"stride {stride} (try 1, 2 or 4)", "invalid_parameter")
-        unknown = [c for c in [*opts.classes, opts.heatmap_class] if c and c not in labels]
-        if unknown:
-            raise ServiceError(422, f"unknown class {', '.join(unknown)}; {served.name} has "
-                                    f"{', '.join(labels)}", "invalid_parameter")
-        wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
-        maps = dense.pyramid(self.engine.runner(served.name), im, card, opts.scales, opts.stride_factor,
-                             settings.tile_pixels, opts.invert)
-        if not maps:
-            need = math.ceil(win * min(opts.scales))
-            raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "
-                                    f"{served.name} needs sides of at least {need} px (window {win})",
-                               "image_too_small")
-        usable = list(maps)
-        scale = min(usable, key=lambda s: abs(math.log(s)))  # map outputs: the scale nearest 1
-        m = maps[scale]
-        out: dict[str, Any] = {
-            "model": served.name, "version": card["version"],
-            "image": {"width": im.size[0], "height": im.size[1]},
-            "geometry": {"window": win, "stride": m.stride, "offset": m.offset, "scale": scale,
-                         "receptive_field": card["dense"]["receptive_field"],
-                         "exact": card["dense"]["exact"],
-                         "map_height": int(m.scores.shape[1]), "map_width": int(m.scores.shape[2])},
-            "scales": usable,
-            "labels": labels,
-        }
-        if "detections" in opts.outputs:
-            out["detections"] = dense.detections(maps, labels, opts.threshold, wanted, opts.nms_iou)
-        probs = dense.softmax(m.scores) if {"argmax", "heatmap"} & opts.outputs else None
-        if "argmax" in opts.outputs:
-            best = probs.argmax(0)
-            out["argmax"] = best.tolist()
-            confidence = np.take_along_axis(probs, best[None], 0)[0].astype(np.float64)
-            out["confidence"] = np.round(confidence, 4).tolist()
-        if "scores" in opts.outputs:
-            raw = np.ascontiguousarray(m.scores, dtype="<f4")
-            out["scores"] = {"encoding": "base64", "dtype": "float32", "byte_order": "little",
-                             "shape": list(raw.shape), "data": base64.b64encode(raw.tobytes()).decode()}
-        if "heatmap" in opts.outputs:
-            if opts.heatmap_class:
-                prob = probs[labels.index(opts.heatmap_class)]
-            else:
-                prob = probs[sorted(wanted)].max(0)
-            png = heatmap.render(im, prob, m, scale)
-            out["heatmap"] = {"encoding": "base64", "media_type": "image/png",
-                              "class": opts.heatmap_class or "strongest",
-                              "data": base64.b64encode(png).decode()}
-        return out
+        return scoring.score_page(self.engine.runner(served.name), im, served.card, opts,
+                                  settings.tile_pixels)
 
 
 # Middlewares added first are outermost: the gate sees every request first, then ClassifyRoute answers

@@ -1,0 +1,73 @@
+"""Dense scoring of one image, the whole of /score_map's work after decoding: validate the options
+against the model's card, run the pyramid (dense.py), and build the answer. Shared by the service and
+the batch scorer on Ray (batch/), so both give the same detections for the same page."""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service import dense, heatmap, options
+from service.errors import ServiceError
+
+
+def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: dict,
+               opts: options.ScoreOptions, tile_pixels: int) -> dict:
+    """One image through the dense model (`run`: pixels → scores, e.g. Engine.runner) → the answer of
+    /score_map as a dict: geometry, scales, labels and the outputs `opts` asks for."""
+    labels, name = card["labels"], card["name"]
+    stride, win = card["dense"]["stride"], int(card["dense"]["window"])
+    if stride % opts.stride_factor:
+        raise ServiceError(422, f"stride_factor={opts.stride_factor} must divide {name}'s "
+                                f"stride {stride} (try 1, 2 or 4)", "invalid_parameter")
+    unknown = [c for c in [*opts.classes, opts.heatmap_class] if c and c not in labels]
+    if unknown:
+        raise ServiceError(422, f"unknown class {', '.join(unknown)}; {name} has "
+                                f"{', '.join(labels)}", "invalid_parameter")
+    wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
+    maps = dense.pyramid(run, im, card, opts.scales, opts.stride_factor, tile_pixels, opts.invert)
+    if not maps:
+        need = math.ceil(win * min(opts.scales))
+        raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "
+                                f"{name} needs sides of at least {need} px (window {win})",
+                           "image_too_small")
+    usable = list(maps)
+    scale = min(usable, key=lambda s: abs(math.log(s)))  # map outputs: the scale nearest 1
+    m = maps[scale]
+    out: dict[str, Any] = {
+        "model": name, "version": card["version"],
+        "image": {"width": im.size[0], "height": im.size[1]},
+        "geometry": {"window": win, "stride": m.stride, "offset": m.offset, "scale": scale,
+                     "receptive_field": card["dense"]["receptive_field"],
+                     "exact": card["dense"]["exact"],
+                     "map_height": int(m.scores.shape[1]), "map_width": int(m.scores.shape[2])},
+        "scales": usable,
+        "labels": labels,
+    }
+    if "detections" in opts.outputs:
+        out["detections"] = dense.detections(maps, labels, opts.threshold, wanted, opts.nms_iou)
+    probs = dense.softmax(m.scores) if {"argmax", "heatmap"} & opts.outputs else None
+    if "argmax" in opts.outputs:
+        best = probs.argmax(0)
+        out["argmax"] = best.tolist()
+        confidence = np.take_along_axis(probs, best[None], 0)[0].astype(np.float64)
+        out["confidence"] = np.round(confidence, 4).tolist()
+    if "scores" in opts.outputs:
+        raw = np.ascontiguousarray(m.scores, dtype="<f4")
+        out["scores"] = {"encoding": "base64", "dtype": "float32", "byte_order": "little",
+                         "shape": list(raw.shape), "data": base64.b64encode(raw.tobytes()).decode()}
+    if "heatmap" in opts.outputs:
+        if opts.heatmap_class:
+            prob = probs[labels.index(opts.heatmap_class)]
+        else:
+            prob = probs[sorted(wanted)].max(0)
+        png = heatmap.render(im, prob, m, scale)
+        out["heatmap"] = {"encoding": "base64", "media_type": "image/png",
+                          "class": opts.heatmap_class or "strongest",
+                          "data": base64.b64encode(png).decode()}
+    return out
