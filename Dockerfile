@@ -11,6 +11,8 @@
 #   docker build -t convserve:gpu --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #       --build-arg EXTRAS=gpu .
 #   docker run --gpus all -p 3000:3000 convserve:gpu
+#
+# Batch scoring on Ray (deploy/ray/rayjob.yaml): docker build --build-arg EXTRAS=cpu,ray -t convserve:ray .
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 ARG EXTRAS=cpu
@@ -34,6 +36,7 @@ COPY models/ models/
 COPY export/ export/
 COPY service/ service/
 COPY loadtest/ loadtest/
+COPY batch/ batch/
 RUN make install VENV=/opt/venv EXTRAS=${EXTRAS} \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 

@@ -128,3 +128,13 @@ def test_probes_and_scaler_metrics_exist_on_a_real_server(server):
     lines = httpx.get(f"{server.url}/metrics").text.splitlines()
     scraped = {line.split("{")[0].split(" ")[0] for line in lines if line and not line.startswith("#")}
     assert names <= scraped, names - scraped
+
+
+def test_the_image_copies_every_package_the_install_needs():
+    """`make install` in the Dockerfile installs this project: every top-level package it lists must
+    be copied in first (a missing one fails the image build, which CI cannot run: no Docker engine)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = set(re.findall(r"^COPY (\w+)/ ", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    assert {p.split(".")[0] for p in packages} <= copied
