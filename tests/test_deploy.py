@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import PYTHON, ROOT
 
-OVERLAYS = ("cpu", "gpu", "keda")
+OVERLAYS = ("cpu", "gpu", "keda", "models-volume")
 VERSIONS = ("1.31.0", "1.35.0")
 CRDS = {"ScaledObject", "ServiceMonitor"}  # no schemas for these offline: checked field by field
 KUBECTL = shutil.which("kubectl")
@@ -93,6 +93,17 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_runs_on_cuda():
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
     assert settings(objects)["CONVSERVE_PROVIDERS"] == "cuda"
     assert settings(objects)["CONVSERVE_WORKERS"] == "1"
+
+
+def test_models_can_come_from_a_read_only_volume_where_the_image_keeps_them():
+    objects = render("models-volume")
+    (mount,) = [m for m in container(objects)["volumeMounts"] if m["name"] == "models"]
+    assert mount["readOnly"] and mount["mountPath"] == "/home/convserve/bentoml/models"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "BENTOML_HOME=/home/convserve/bentoml" in dockerfile  # the store the mount lands in
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume["persistentVolumeClaim"]["readOnly"]
 
 
 def test_keda_replaces_the_cpu_hpa_and_targets_the_deployment():
