@@ -72,7 +72,8 @@ def score(paths: list[str], out: Path, model: str = "digit-detector", actors: in
     options = {**options, "outputs": "detections,scores" if maps else "detections"}
     started = time.perf_counter()
     pages = ray.data.from_items([{"path": p} for p in paths])
-    scored = pages.map_batches(PageScorer, batch_size=1, concurrency=actors, num_cpus=threads_per_actor,
+    scored = pages.map_batches(PageScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                               num_cpus=threads_per_actor,
                                fn_constructor_kwargs={"model": model, "threads": threads_per_actor,
                                                       "options": options})
     rows = 0
