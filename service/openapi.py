@@ -47,6 +47,22 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
 REQUEST_ID = {"X-Request-ID": {"description": "the request's ID, taken from the request or made",
                                "schema": {"type": "string"}}}
 
+
+def json_body(schema: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def answers(description: str, schema: dict) -> dict:
+    """The 200 response of an operation: JSON in `schema`."""
+    return {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
+def obj(required: list[str], **properties: dict) -> dict:
+    """A JSON object schema with these properties, all of `required` present."""
+    return {"type": "object", "required": required, "properties": properties}
+
+
+TEXT, NUMBER = {"type": "string"}, {"type": "number"}
 CLASSIFY = {
     "post": {
         "tags": ["Service APIs"], "operationId": "classify",
@@ -54,35 +70,28 @@ CLASSIFY = {
         "description": "`curl -F image=@digit.png -F top_k=3 http://127.0.0.1:3000/classify`. Repeat "
                        "`image` for a batch. Batched with concurrent requests by the engine.",
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"], "additionalProperties": False,
-            "properties": {
-                "image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                          "description": "PNG, JPEG, BMP, TIFF or WEBP; greyscale or RGB(A)"},
-                "model": {"type": "string", "description": "a served model (GET /models); empty: default"},
-                "top_k": {"type": "integer", "minimum": 1, "default": 1},
-                "invert": {"type": "boolean", "default": False,
-                           "description": "dark ink on light paper"},
-            }}}}},
-        "responses": {"200": {"description": "Labels", "content": {"application/json": {"schema": {
-            "type": "object", "required": ["model", "version", "predictions"],
-            "properties": {
-                "model": {"type": "string"}, "version": {"type": "string"},
-                "predictions": {"type": "array", "items": {
-                    "type": "object", "required": ["filename", "top_k"],
-                    "properties": {"filename": {"type": "string"}, "top_k": {"type": "array", "items": {
-                        "type": "object", "required": ["label", "probability"],
-                        "properties": {"label": {"type": "string"},
-                                       "probability": {"type": "number", "minimum": 0, "maximum": 1}}}}}}},
-            }}}}}},
+            **obj(["image"],
+                  image={"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                         "description": "PNG, JPEG, BMP, TIFF or WEBP; greyscale or RGB(A)"},
+                  model={"type": "string", "description": "a served model (GET /models); empty: default"},
+                  top_k={"type": "integer", "minimum": 1, "default": 1},
+                  invert={"type": "boolean", "default": False, "description": "dark ink on light paper"}),
+            "additionalProperties": False}}}},
+        "responses": answers("Labels", obj(
+            ["model", "version", "predictions"], model=TEXT, version=TEXT,
+            predictions={"type": "array", "items": obj(
+                ["filename", "top_k"], filename=TEXT,
+                top_k={"type": "array", "items": obj(
+                    ["label", "probability"], label=TEXT,
+                    probability={"type": "number", "minimum": 0, "maximum": 1})})})),
     }}
 MODELS = {
     "get": {
         "tags": ["Service APIs"], "operationId": "models",
         "summary": "The served models, their cards, providers and warm-up",
-        "responses": {"200": {"description": "Models", "content": {"application/json": {"schema": {
-            "type": "object", "required": ["models", "defaults", "ready"],
-            "properties": {"models": {"type": "array", "items": {"type": "object"}},
-                           "defaults": {"type": "object"}, "ready": {"type": "boolean"}}}}}}},
+        "responses": answers("Models", obj(["models", "defaults", "ready"],
+                                           models={"type": "array", "items": {"type": "object"}},
+                                           defaults={"type": "object"}, ready={"type": "boolean"})),
     }}
 ADMIN_MODELS = {
     "post": {
@@ -90,13 +99,12 @@ ADMIN_MODELS = {
         "summary": "Serve another store version of a served model, with no request lost",
         "description": "Loads the version, warms it, swaps it in; the running batch finishes on the old "
                        "one. Same inputs and labels only. Needs CONVSERVE_API_KEYS (403 without).",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["tag"], "additionalProperties": False,
-            "properties": {"tag": {"type": "string", "minLength": 1, "description": "name:version"}}}}}},
-        "responses": {"200": {"description": "Now serving", "content": {"application/json": {"schema": {
-            "type": "object", "required": ["model", "version", "previous_version", "warmup_ms"],
-            "properties": {"model": {"type": "string"}, "version": {"type": "string"},
-                           "previous_version": {"type": "string"}, "warmup_ms": {"type": "number"}}}}}}},
+        "requestBody": json_body({**obj(["tag"], tag={"type": "string", "minLength": 1,
+                                                      "description": "name:version"}),
+                                  "additionalProperties": False}),
+        "responses": answers("Now serving", obj(["model", "version", "previous_version", "warmup_ms"],
+                                                model=TEXT, version=TEXT, previous_version=TEXT,
+                                                warmup_ms=NUMBER)),
     }}
 HEALTH = {"/livez", "/healthz", "/readyz", "/metrics"}
 FORM = "multipart/form-data"
