@@ -102,7 +102,8 @@ async def read_body(scope, receive, limit: int, idle_timeout_s: float | None = N
     chunks, size = [], 0
     while True:
         try:
-            message = await asyncio.wait_for(receive(), idle_timeout_s)
+            async with asyncio.timeout(idle_timeout_s):  # no task per chunk, unlike wait_for
+                message = await receive()
         except TimeoutError:
             raise ServiceError(408, f"the request body stalled: nothing arrived for {idle_timeout_s:g} "
                                     f"s after {size} bytes; send the whole body without pausing") from None
