@@ -51,8 +51,21 @@ def parse_form(content_type: bytes, data: bytes) -> tuple[dict[str, str], list[t
         if part.name == "image":
             files.append((part.filename or f"image[{len(files)}]", part.content))
         else:
-            fields[part.name] = part.content.decode(errors="replace").strip()
+            fields[part.name] = form_text(part.content.decode(errors="replace").strip())
     return fields, files
+
+
+def form_text(text: str) -> str:
+    """A form field's text. BentoML's client JSON-encodes every non-file field (`model="lenet5"` arrives
+    as `"lenet5"`, quotes included) and BentoML's own APIs decode them: a JSON string is taken as its
+    value here too, so `bentoml.SyncHTTPClient(...).classify(...)` works like curl."""
+    if text.startswith('"'):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return value if isinstance(value, str) else text
+    return text
 
 
 def parse_options(fields: dict[str, str]) -> tuple[str, int, bool]:
@@ -85,7 +98,7 @@ class ClassifyRoute:
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             fields, files = parse_form(content_type, data)
             model, top_k, invert = parse_options(fields)
-            payload = await bentoml.get_current_service().classify(files, model, top_k, invert)
+            payload = await bentoml.get_current_service().classify_images(files, model, top_k, invert)
         except ServiceError as e:
             status, payload = e.status, body(e.status, e.type, e.message)
             headers = {**headers, **e.headers()}

@@ -86,8 +86,13 @@ def test_api_keys_guard_inference_and_admin_but_not_health(guarded):
         assert httpx.post(f"{guarded.url}/classify", files=files,
                           headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert httpx.get(f"{guarded.url}/models", headers=AUTH).status_code == 200
-    for path in ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json"):
+    for path in ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/v2/health/live",
+                 "/v2/health/ready"):
         assert httpx.get(f"{guarded.url}{path}").status_code == 200, path
+    # /v2 refuses in the Open Inference Protocol's shape, which its clients read
+    refused = httpx.get(f"{guarded.url}/v2/models/lenet5")
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]
+    assert httpx.get(f"{guarded.url}/v2/models/lenet5", headers=AUTH).json()["name"] == "lenet5"
 
 
 def test_request_ids_are_taken_or_made_and_reach_the_log(guarded):

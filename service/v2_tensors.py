@@ -1,0 +1,194 @@
+"""Tensors of the Open Inference Protocol (KServe v2 / Triton HTTP) in and out of HTTP bodies: JSON
+and Triton's binary tensor data extension. numpy only; the front that uses it is service/kserve_v2.py.
+
+    body = JSON header [+ binary tensors, in input order]   (header length: Inference-Header-Content-Length)
+    BYTES element = 4-byte little-endian length + the bytes
+
+Written by hand: the codecs that exist live in client packages (tritonclient) or in KServe's server
+(FastAPI, gRPC, Kubernetes client), and the serving image stays free of both. The format is small and
+fully specified: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ServiceError
+
+DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+          "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+          "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def bad(message: str) -> ServiceError:
+    return ServiceError(400, message)
+
+
+@dataclass
+class Tensor:
+    """One input: a numpy array, or for BYTES a list of byte strings (N elements, any shape)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+    parameters: dict = field(default_factory=dict)
+    binary: bool = False  # sent after the JSON header (else in it: BYTES then hold base64 text)
+
+
+@dataclass
+class Request:
+    inputs: list[Tensor]
+    outputs: list[dict]  # [{"name": …, "parameters": {…}}]; empty: the model's default outputs
+    parameters: dict
+    id: str | None
+
+
+def parse_request(body: bytes, header_length: str | None) -> Request:
+    """The infer request body → Request, checking every shape against its data."""
+    if header_length is None:
+        head, rest = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise bad(f"Inference-Header-Content-Length: {header_length!r} is not a length within the "
+                      f"{len(body)}-byte body")
+        head, rest = body[: int(header_length)], body[int(header_length):]
+    try:
+        request = json.loads(head)
+    except ValueError as e:
+        raise bad(f"the request is not JSON ({e}); send the inference request of the Open Inference "
+                  f"Protocol, with binary tensors after it and Inference-Header-Content-Length") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise bad('the request needs "inputs": a list of {"name", "shape", "datatype", "data"}')
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                for o in outputs):
+        raise bad('"outputs" must be a list of {"name": …, "parameters": {…}}')
+    offset, inputs = 0, []
+    for raw in request["inputs"]:
+        tensor, offset = parse_input(raw, rest, offset)
+        inputs.append(tensor)
+    if offset != len(rest):
+        raise bad(f"{len(rest) - offset} bytes of binary data after the header belong to no input; "
+                  f"check each input's binary_data_size")
+    parameters = request.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad('"parameters" must be an object')
+    rid = request.get("id")
+    return Request(inputs, outputs, parameters, None if rid is None else str(rid))
+
+
+def parse_input(raw: object, binary: bytes, offset: int) -> tuple[Tensor, int]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise bad('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
+    name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
+    if datatype != "BYTES" and datatype not in DTYPES:
+        raise bad(f"input {name!r}: unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise bad(f"input {name!r}: shape must be a list of non-negative integers")
+    parameters = raw.get("parameters") or {}
+    count = int(np.prod(shape, dtype=np.int64))
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise bad(f"input {name!r}: binary_data_size {size!r} runs past the body's binary part")
+        chunk, offset = binary[offset: offset + size], offset + size
+        if datatype == "BYTES":
+            data = split_bytes(chunk, name)
+        else:
+            itemsize = np.dtype(DTYPES[datatype]).itemsize
+            if size != count * itemsize:
+                raise bad(f"input {name!r}: shape {shape} of {datatype} is {count * itemsize} bytes, "
+                          f"binary_data_size says {size}")
+            data = np.frombuffer(chunk, DTYPES[datatype]).reshape(shape)
+    elif "data" in raw:
+        data = json_data(raw["data"], datatype, shape, name)
+    else:
+        raise bad(f"input {name!r} has neither data nor binary_data_size")
+    if datatype == "BYTES" and len(data) != count:
+        raise bad(f"input {name!r}: shape {shape} holds {count} elements, the data has {len(data)}")
+    return Tensor(name, datatype, shape, data, parameters if isinstance(parameters, dict) else {},
+                  size is not None), offset
+
+
+def json_data(data: object, datatype: str, shape: list[int], name: str) -> np.ndarray | list[bytes]:
+    """JSON tensor data, nested or flat, row-major. BYTES elements are strings: base64 for binary
+    content such as encoded images (JSON strings cannot hold arbitrary bytes)."""
+    if datatype == "BYTES":
+        flat = list(flatten(data))
+        if not all(isinstance(s, str) for s in flat):
+            raise bad(f"input {name!r}: BYTES data must be strings (base64 for images)")
+        return [s.encode() for s in flat]
+    try:
+        array = np.asarray(data, dtype=DTYPES[datatype])
+        return array.reshape(shape)
+    except (ValueError, TypeError, OverflowError):
+        raise bad(f"input {name!r}: data does not fit shape {shape} as {datatype}") from None
+
+
+def flatten(data: object):
+    if isinstance(data, list):
+        for item in data:
+            yield from flatten(item)
+    else:
+        yield data
+
+
+def split_bytes(chunk: bytes, name: str) -> list[bytes]:
+    """Triton's serialized BYTES tensor: each element a uint32 little-endian length, then its bytes."""
+    out, i = [], 0
+    while i < len(chunk):
+        if i + 4 > len(chunk):
+            raise bad(f"input {name!r}: a BYTES element's 4-byte length prefix is cut off")
+        (n,) = struct.unpack_from("<I", chunk, i)
+        if i + 4 + n > len(chunk):
+            raise bad(f"input {name!r}: a BYTES element says {n} bytes, fewer are left")
+        out.append(chunk[i + 4: i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def join_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+@dataclass
+class Output:
+    name: str
+    data: np.ndarray | list[bytes]  # BYTES: a flat list, row-major
+    shape: list[int]
+    binary: bool
+
+
+def encode_response(model: str, version: str, rid: str,
+                    outputs: list[Output]) -> tuple[bytes, dict[str, str]]:
+    """The infer response body and its headers: JSON, plus binary tensors after it for the outputs
+    asked for in binary (then Inference-Header-Content-Length says where the JSON ends)."""
+    described, blobs = [], []
+    for out in outputs:
+        datatype = "BYTES" if isinstance(out.data, list) else dtype_name(out.data.dtype)
+        entry = {"name": out.name, "datatype": datatype, "shape": out.shape}
+        if out.binary:
+            blob = join_bytes(out.data) if datatype == "BYTES" else \
+                np.ascontiguousarray(out.data, out.data.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [b.decode() for b in out.data] if datatype == "BYTES" else \
+                out.data.ravel().tolist()
+        described.append(entry)
+    header = {"model_name": model, "model_version": version, "id": rid, "outputs": described}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream",
+                                    HEADER_LENGTH: str(len(head))}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return next(name for name, t in DTYPES.items() if np.dtype(t) == dtype)
