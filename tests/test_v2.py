@@ -18,7 +18,7 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
 from kserve.protocol.rest import v2_datamodels as protocol
 from PIL import Image
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from models.pages import synth_page
 
@@ -56,7 +56,8 @@ def test_tritonclient_health_and_metadata(client, server):
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 10],
                                                                 "scores": [-1, 10, -1, -1]}
     config = client.get_model_config("lenet5")
-    assert config["max_batch_size"] >= 1 and {i["name"] for i in config["input"]} == {"image", "pixels", "input"}
+    assert config["max_batch_size"] >= 1
+    assert {i["name"] for i in config["input"]} == {"image", "pixels", "input"}
     assert client.is_model_ready("lenet5", model_version=meta["versions"][0])
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
@@ -188,28 +189,34 @@ def test_json_follows_the_protocols_data_model(server, held):
     assert np.allclose(bare.json()["outputs"][0]["data"], answer.outputs[0].data, atol=1e-6)
 
 
+def one_input(**tensor) -> bytes:
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+WHOLE_BODY = {"Inference-Header-Content-Length": "whole body"}  # replaced by the body's length
+INFER = "/v2/models/lenet5/infer"
+
+
 @pytest.mark.parametrize("path, body, headers, status, fragment", [
-    ("/v2/models/lenet5/infer", b"{not json", {}, 400, "not JSON"),
-    ("/v2/models/lenet5/infer", b'{"inputs": []}', {}, 400, '"inputs"'),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": '
-                                b'"UINT8", "data": [1, 2, 3]}]}', {}, 400, "does not fit shape"),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "pixels", "shape": [1, 1, 4, 4], "datatype": '
-                                b'"UINT8", "data": ' + str([0] * 16).encode() + b"}]}", {}, 400, "at least 28"),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": '
-                                b'"FP32", "data": ' + str([0] * 784).encode() + b"}]}", {}, 400, "takes UINT8"),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
-                                b'"data": ["%%%"]}]}', {}, 400, "not base64"),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
-                                b'"parameters": {"binary_data_size": 9}}]}', {"Inference-Header-Content-Length": "all"},
-     400, "binary_data_size"),
-    ("/v2/models/lenet5/infer", b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    (INFER, b"{not json", {}, 400, "not JSON"),
+    (INFER, b'{"inputs": []}', {}, 400, '"inputs"'),
+    (INFER, one_input(name="pixels", shape=[1, 1, 28, 28], datatype="UINT8", data=[1, 2, 3]), {}, 400,
+     "does not fit shape"),
+    (INFER, one_input(name="pixels", shape=[1, 1, 4, 4], datatype="UINT8", data=[0] * 16), {}, 400,
+     "at least 28"),
+    (INFER, one_input(name="pixels", shape=[1, 1, 28, 28], datatype="FP32", data=[0] * 784), {}, 400,
+     "takes UINT8"),
+    (INFER, one_input(name="image", shape=[1], datatype="BYTES", data=["%%%"]), {}, 400, "not base64"),
+    (INFER, one_input(name="image", shape=[1], datatype="BYTES", parameters={"binary_data_size": 9}),
+     WHOLE_BODY, 400, "binary_data_size"),
+    (INFER, one_input(name="x", shape=[1], datatype="FP32", data=[1]),
      {"Inference-Header-Content-Length": "999"}, 400, "Inference-Header-Content-Length"),
     ("/v2/models/nope/infer", b"{}", {}, 404, "unknown model"),
     ("/v2/models/lenet5/versions/0/infer", b"{}", {}, 404, "not served"),
     ("/v2/elsewhere", b"", {}, 404, "no route"),
 ])
 def test_bad_requests_get_the_protocols_error_shape(server, path, body, headers, status, fragment):
-    if headers.get("Inference-Header-Content-Length") == "all":  # the whole body is the JSON header
+    if headers is WHOLE_BODY:
         headers = {"Inference-Header-Content-Length": str(len(body))}
     response = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
     assert response.status_code == status, response.text
@@ -236,7 +243,8 @@ def test_bentoml_client_calls_every_endpoint(server, held, tmp_path):
         assert bento.is_ready()
         answer = bento.classify(image=paths, model="lenet5", top_k=2)
         assert [p["filename"] for p in answer["predictions"]] == ["0.png", "300.png", "600.png"]
-        assert [int(p["top_k"][0]["label"]) for p in answer["predictions"]] == [labels[i] for i in (0, 300, 600)]
+        best = [int(p["top_k"][0]["label"]) for p in answer["predictions"]]
+        assert best == [labels[i] for i in (0, 300, 600)]
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
         assert bento.classify_base64(images_b64=encoded)["predictions"][2]["top_k"][0]["label"] == \
             str(labels[600])
@@ -244,3 +252,17 @@ def test_bentoml_client_calls_every_endpoint(server, held, tmp_path):
         assert found["model"] == "digit-detector" and len(found["argmax"]) == found["geometry"]["map_height"]
         with pytest.raises(bentoml.exceptions.NotFound, match="unknown model 'nope'"):
             bento.classify(image=paths[:1], model="nope")
+
+
+def test_bytes_tensors_round_trip_and_refuse_cut_data():
+    """Triton's BYTES serialization (4-byte little-endian length, then the bytes), without a server."""
+    from service import v2_tensors
+    from service.errors import ServiceError
+
+    items = [b"", b"\x00\xff", b"png" * 100]
+    assert v2_tensors.split_bytes(v2_tensors.join_bytes(items), "x") == items
+    theirs = serialize_byte_tensor(np.array(items, dtype=np.object_)).item()  # tritonclient's
+    assert theirs == v2_tensors.join_bytes(items) and v2_tensors.split_bytes(theirs, "x") == items
+    for cut in (b"\x05\x00\x00\x00abc", b"\x05\x00"):
+        with pytest.raises(ServiceError, match="BYTES element"):
+            v2_tensors.split_bytes(cut, "x")
