@@ -162,6 +162,8 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
             batch = max(1, round(row["mean_batch"]))
             row["inprocess_ms_per_call"] = per_call_ms(m, batch, threads)  # at the batch the server ran
             results["compute_bound"][m] = row
+        print("served: /classify vs /v2 (the Open Inference Protocol), same server", flush=True)
+        results["protocols"] = served.protocols(conv.url, digits, rounds, 32, seconds, out / "wrk")
         print("served: latency by concurrency", flush=True)
         results["latency"] = {name: [served.wrk(url, digits, c, seconds, out / "wrk" / f"{name}-c{c}")
                                      for c in (1, 4, 16, 64)]

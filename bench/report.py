@@ -115,6 +115,8 @@ def markdown(r: dict) -> str:
     lines += [row(f"LeNet PNG, {layout}, median of rounds {x['rounds_rps']}", name, x)
               for layout, rows in r["overhead_bound"].items() for name, x in rows.items()]
     lines += [row("LeNet PNG latency", name, x) for name, xs in r["latency"].items() for x in xs]
+    lines += [row(f"LeNet PNG, {front}, median of rounds {x['rounds_rps']}", "convserve", x)
+              for front, x in r.get("protocols", {}).items()]
     lines += ["\n## Inside the server under load (its /metrics) vs in-process\n",
               "| model | mean batch | compute ms/call | in-process ms/call, same batch | model busy |",
               "|---|---|---|---|---|"]

@@ -15,10 +15,11 @@ from loadtest import wrk as loadtest_wrk
 from loadtest.samples import png
 
 
-def wrk(url: str, bodies: list[bytes], connections: int, seconds: int, out: Path, **fields: str) -> dict:
-    """One bounded wrk run against POST /classify (loadtest.wrk): requests/s, latency percentiles and
-    failures (non-2xx answers and socket errors)."""
-    r = loadtest_wrk.run(url, "/classify", bodies, seconds, connections, fields=fields, out=out)
+def wrk(url: str, bodies: list[bytes], connections: int, seconds: int, out: Path, path: str = "/classify",
+        protocol: str = "multipart", **fields: str) -> dict:
+    """One bounded wrk run against POST /classify, or another path and protocol (loadtest.wrk):
+    requests/s, latency percentiles and failures (non-2xx answers and socket errors)."""
+    r = loadtest_wrk.run(url, path, bodies, seconds, connections, fields=fields, out=out, protocol=protocol)
     return {"connections": connections, "rps": r["rps"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"],
             "p99_ms": r["p99_ms"], "failures": r["non_2xx"] + sum(r["socket_errors"].values())}
 
@@ -64,6 +65,21 @@ def side_by_side(servers: dict[str, str], bodies: list[bytes], rounds: int, conn
     for r in range(rounds):
         for name, url in servers.items():
             runs[name].append(wrk(url, bodies, connections, seconds, out / name / f"round{r}"))
+    return {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2], "rounds_rps": [x["rps"] for x in rs]}
+            for name, rs in runs.items()}
+
+
+def protocols(url: str, bodies: list[bytes], rounds: int, connections: int, seconds: int, out: Path) -> dict:
+    """The same digit PNGs to one server through its two fronts, alternating (A B A B ...): /classify
+    multipart and the Open Inference Protocol as tritonclient sends it (a binary BYTES tensor, binary
+    outputs). Per front the median round by requests/s."""
+    fronts = {"/classify (multipart)": ("/classify", "multipart"),
+              "/v2 infer (binary BYTES)": ("/v2/models/lenet5/infer", "v2")}
+    runs: dict[str, list[dict]] = {name: [] for name in fronts}
+    for r in range(rounds):
+        for name, (path, protocol) in fronts.items():
+            runs[name].append(wrk(url, bodies, connections, seconds, out / path.strip("/").replace("/", "-")
+                                  / f"round{r}", path=path, protocol=protocol))
     return {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2], "rounds_rps": [x["rps"] for x in rs]}
             for name, rs in runs.items()}
 

@@ -1,6 +1,7 @@
--- wrk script for loadtest/wrk.py: POST prepared multipart/form-data bodies in turn and count every
--- answer that is not 2xx. Arguments (after wrk's "--"): the folder holding body-1.bin, body-2.bin, ...
--- (each a whole multipart body, written by loadtest/wrk.py) and their boundary.
+-- wrk script for loadtest/wrk.py: POST prepared request bodies in turn and count every answer that is
+-- not 2xx. Arguments (after wrk's "--"): the folder holding body-1.bin, body-2.bin, ... (each a whole
+-- body, written by loadtest/wrk.py), their Content-Type, and optionally one more header as "Name: value"
+-- (the Open Inference Protocol's Inference-Header-Content-Length).
 -- Each wrk thread runs its own Lua state; setup() and done() run in a third one.
 
 local threads = {}
@@ -11,7 +12,11 @@ function setup(thread)
 end
 
 function init(args)
-   local headers = {["Content-Type"] = "multipart/form-data; boundary=" .. args[2]}
+   local headers = {["Content-Type"] = args[2]}
+   if args[3] then
+      local name, value = args[3]:match("^([^:]+):%s*(.*)$")
+      headers[name] = value
+   end
    requests, non2xx = {}, 0
    local i = 1
    while true do

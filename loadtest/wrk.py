@@ -4,10 +4,11 @@ throughput, latency and failures.
     python -m loadtest.wrk --host http://127.0.0.1:3000 --path /classify --seconds 10 --connections 32
 
 Why: locust costs ~150 µs of CPU per request, on the same 2 cores as the server it measures; wrk (C,
-epoll) costs ~10 µs. Each request is one of a few prepared multipart/form-data bodies (field `image`,
-a PNG or JPEG file, plus any extra form fields), cycled by loadtest/multipart.lua, which also counts
-every answer that is not 2xx (wrk itself only counts >= 400). Bounded in time; only loopback hosts are
-accepted, exactly as in loadtest.run. Needs Debian's `wrk` (apt-get install wrk).
+epoll) costs ~10 µs. Each request is one of a few prepared bodies, cycled by loadtest/multipart.lua,
+which also counts every answer that is not 2xx (wrk itself only counts >= 400): multipart/form-data
+(field `image`, a PNG or JPEG file, plus any extra form fields), or with `--protocol v2` an Open
+Inference Protocol infer request as tritonclient sends it (the file as a binary BYTES tensor). Bounded
+in time; only loopback hosts are accepted, exactly as in loadtest.run. Needs Debian's `wrk`.
 """
 
 from __future__ import annotations
@@ -47,10 +48,24 @@ def multipart(data: bytes, fields: dict[str, str], boundary: str) -> bytes:
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
+def v2_bodies(files: list[bytes]) -> tuple[list[bytes], str]:
+    """Open Inference Protocol infer bodies, one file each as a binary BYTES tensor `image` with binary
+    outputs (tritonclient's default), and their shared Inference-Header-Content-Length: the JSON
+    headers are padded with spaces (valid JSON) to one length, since wrk sends one set of headers."""
+    heads = [json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(data)}}],
+                         "parameters": {"binary_data_output": True}}).encode() for data in files]
+    length = max(map(len, heads))
+    bodies = [head.ljust(length) + len(data).to_bytes(4, "little") + data
+              for head, data in zip(heads, files, strict=True)]
+    return bodies, f"Inference-Header-Content-Length: {length}"
+
+
 def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int, threads: int = 1,
-        fields: dict[str, str] | None = None, out: Path | None = None) -> dict:
+        fields: dict[str, str] | None = None, out: Path | None = None, protocol: str = "multipart") -> dict:
     """POST `bodies` (the raw files, cycled) to url+path for `seconds` over `connections` keep-alive
-    connections. Latencies in ms; socket_errors counts connect/read/write errors and timeouts."""
+    connections, as multipart forms or (protocol="v2") Open Inference Protocol infer requests.
+    Latencies in ms; socket_errors counts connect/read/write errors and timeouts."""
     if not loopback(url):
         raise SystemExit(f"error: {url} is not a loopback address; load tests only target this machine")
     if not 1 <= seconds <= MAX_SECONDS:
@@ -65,13 +80,19 @@ def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int
     boundary = "convserve" + secrets.token_hex(12)
     while any(boundary.encode() in b for b in bodies):
         boundary = "convserve" + secrets.token_hex(12)
+    if protocol == "v2":
+        prepared, extra = v2_bodies(bodies)
+        headers = ["application/octet-stream", extra]
+    else:
+        prepared = [multipart(data, fields or {}, boundary) for data in bodies]
+        headers = [f"multipart/form-data; boundary={boundary}"]
     with tempfile.TemporaryDirectory(prefix="wrk-") as scratch:
         folder = out or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(bodies, 1):
-            (folder / f"body-{i}.bin").write_bytes(multipart(data, fields or {}, boundary))
+        for i, body in enumerate(prepared, 1):
+            (folder / f"body-{i}.bin").write_bytes(body)
         command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                   "-s", str(SCRIPT), url.rstrip("/") + path, "--", str(folder), boundary]
+                   "-s", str(SCRIPT), url.rstrip("/") + path, "--", str(folder), *headers]
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
         if out is not None:
             (out / "wrk.log").write_text(done.stdout + done.stderr)
@@ -98,13 +119,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="50 held-out digit PNGs, or 32 224×224 photo JPEGs")
     p.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
                    help="extra form field, e.g. model=alexnet (repeatable)")
+    p.add_argument("--protocol", choices=["multipart", "v2"], default="multipart",
+                   help="v2: Open Inference Protocol bodies; give --path /v2/models/<model>/infer")
     p.add_argument("--out", type=Path, help="keep the bodies and wrk's own report here")
     args = p.parse_args(argv)
     from loadtest import samples
 
     bodies = [b for b, _ in samples.digits(50)] if args.bodies == "digits" else samples.photos(32)
     fields = dict(f.split("=", 1) for f in args.field)
-    r = run(args.host, args.path, bodies, args.seconds, args.connections, args.threads, fields, args.out)
+    r = run(args.host, args.path, bodies, args.seconds, args.connections, args.threads, fields, args.out,
+            args.protocol)
     print(json.dumps(r))
     sys.exit(1 if r["non_2xx"] or any(r["socket_errors"].values()) else 0)
 

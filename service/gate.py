@@ -44,8 +44,10 @@ log = logging.getLogger("convserve.access")
 # summed over a pod's worker processes.
 IN_FLIGHT = Gauge("convserve_in_flight_requests", "requests admitted by the gate and not yet answered",
                   multiprocess_mode="livesum")
-# Health, metrics and docs stay open (probes and scrapers carry no keys) and are never shed.
-OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/"})
+# Health, metrics, docs and the demo page stay open (probes and scrapers carry no keys; the page asks
+# for one itself) and are never shed.
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/",
+                        "/ui", "/ui/", "/v2/health/live", "/v2/health/ready"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
 REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -145,7 +147,7 @@ class Gate:
         started = time.perf_counter()
         rid = request_id(scope)
         token = REQUEST_ID.set(rid)
-        response = Response(send, rid)
+        response = Response(send, rid, protocol_errors=scope["path"].startswith("/v2"))
         try:
             if is_open(scope["path"]):
                 await self.app(scope, receive, response.send)
@@ -209,10 +211,11 @@ class Gate:
 
 class Response:
     """The send side: adds X-Request-ID to every response and rewrites error bodies into our shape
-    (with the request ID; Retry-After on 429 and 503)."""
+    (with the request ID; Retry-After on 429 and 503). Under /v2 the Open Inference Protocol's shape,
+    {"error": "message"}, is kept: its clients read that (service/kserve_v2.py)."""
 
-    def __init__(self, send, rid: str) -> None:
-        self._send, self.rid = send, rid
+    def __init__(self, send, rid: str, protocol_errors: bool = False) -> None:
+        self._send, self.rid, self.protocol_errors = send, rid, protocol_errors
         self.status, self.started = 0, False
         self._start: dict = {}
         self._chunks: list[bytes] = []
@@ -220,12 +223,12 @@ class Response:
     async def send(self, message) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
-            if self.status < 400:
+            if self.status < 400 or self.protocol_errors:  # /v2 writes the protocol's bodies itself
                 headers = [*message.get("headers", []), (b"x-request-id", self.rid.encode())]
                 return await self._send({**message, "headers": headers})
             self._start = message
             return None
-        if self.status < 400:
+        if self.status < 400 or self.protocol_errors:
             return await self._send(message)
         self._chunks.append(message.get("body", b""))
         if not message.get("more_body"):
@@ -247,6 +250,8 @@ class Response:
     async def _write(self, status: int, payload: dict, headers: list) -> None:
         payload["error"]["request_id"] = self.rid
         payload["error"].setdefault("type", TYPES.get(status, "error"))
+        if self.protocol_errors:
+            payload = {"error": payload["error"]["message"]}
         if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in headers):
             headers.append((b"retry-after", b"1"))
         out = json.dumps(payload, ensure_ascii=False).encode()

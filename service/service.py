@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BeforeValidator, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from service import dense, drain, images, options, scoring
@@ -34,6 +34,7 @@ from service.engine.sessions import Model
 from service.engine.store import check_store
 from service.errors import ServiceError
 from service.gate import Gate, Traffic
+from service.kserve_v2 import V2Route
 from service.openapi import OpenAPIRoute
 from service.settings import Settings
 
@@ -105,12 +106,22 @@ async def roll_out(request: Request) -> JSONResponse:
                          "previous_version": old.card["version"], "warmup_ms": new.warmup_ms})
 
 
-# GET /models and the admin route live in a small Starlette app beside BentoML's @api methods.
+# The demo page (GET /ui): one static file, vanilla JS calling /classify and /score_map; read once.
+DEMO_PAGE = (Path(__file__).parent / "demo" / "index.html").read_bytes()
+
+
+async def demo_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(DEMO_PAGE)
+
+
+# GET /models, the admin route and the demo page live in a small Starlette app beside BentoML's @api
+# methods.
 read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
-                              Route("/admin/models", roll_out, methods=["POST"])])
+                              Route("/admin/models", roll_out, methods=["POST"]),
+                              Route("/ui", demo_page, methods=["GET"])])
 
 
-@bentoml.asgi_app(read_only, path="/")  # a passive mount: only these two routes, shadows nothing
+@bentoml.asgi_app(read_only, path="/")  # a passive mount: only these routes, shadows nothing
 @bentoml.service(
     workers=settings.workers,
     # Admission, deadlines and shedding are service/gate.py's (it says why); BentoML's timeout stays
@@ -168,8 +179,8 @@ class ConvServe:
                                     f"(GET /models)", "unknown_model")
         return self.models[name]
 
-    async def classify(self, files: list[tuple[str, bytes]], model_name: str, top_k: int,
-                       invert: bool) -> dict:
+    async def classify_images(self, files: list[tuple[str, bytes]], model_name: str, top_k: int,
+                              invert: bool) -> dict:
         """(filename, bytes) pairs → top-k labels per image: decode → (batch) → predict → encode."""
         model = self._model(model_name, self.default_classify)
         labels = model.card["labels"]
@@ -223,7 +234,25 @@ class ConvServe:
         try:
             names = [f"images_b64[{i}]" for i in range(len(images_b64))]
             files = [(n, images.from_base64(t, n)) for n, t in zip(names, images_b64, strict=True)]
-            return await self.classify(files, model, top_k, invert)
+            return await self.classify_images(files, model, top_k, invert)
+        except ServiceError as e:
+            return e.response()
+
+    @bentoml.api(route="/classify")
+    async def classify(
+        self,
+        image: Annotated[list[Path], Field(min_length=1)],
+        model: FormText = "",
+        top_k: Annotated[int, Field(ge=1)] = 1,
+        invert: bool = False,
+    ) -> Any:
+        """Top-k labels for one or more images (multipart: repeat `image`). Over HTTP, service/
+        classify_route.py answers this route ahead of BentoML, faster and the same; this declaration
+        puts it in BentoML's schema, so that `bentoml.SyncHTTPClient(...).classify(image=[path])`
+        exists, and serves in-process calls."""
+        try:
+            files = [(Path(p).name, Path(p).read_bytes()) for p in image]
+            return await self.classify_images(files, model, top_k, invert)
         except ServiceError as e:
             return e.response()
 
@@ -252,23 +281,26 @@ class ConvServe:
                                  stride_factor=stride_factor, scales=scales, heatmap_class=heatmap_class,
                                  invert=invert)
             served = self._model(model, self.default_dense)
-            self.dense_lock = self.dense_lock or asyncio.Lock()
-            # One dense request at a time (each already uses every core); how many may wait is the
-            # gate's route limit, checked before their bodies are read. The lock is let go when the
-            # work ends, not when the request does: a request cut off by its timeout (504) cannot
-            # stop its thread, and the next page must not run beside it.
-            await self.dense_lock.acquire()
-            work = asyncio.ensure_future(asyncio.to_thread(self._decode_and_score, served, Path(image),
-                                                           opts))
-            work.add_done_callback(self._dense_done)
-            return await asyncio.shield(work)
+            return await self.run_dense(self._decode_and_score, served, Path(image), opts)
         except ServiceError as e:
             return e.response()
+
+    async def run_dense(self, work, *args):
+        """work(*args) in a thread, one dense job at a time (each already uses every core): /score_map
+        and /v2 on pages. How many /score_map requests may wait is the gate's route limit, checked
+        before their bodies are read. The lock is let go when the work ends, not when the request
+        does: a request cut off by its timeout (504) cannot stop its thread, and the next page must not
+        run beside it."""
+        self.dense_lock = self.dense_lock or asyncio.Lock()
+        await self.dense_lock.acquire()
+        job = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        job.add_done_callback(self._dense_done)
+        return await asyncio.shield(job)
 
     def _dense_done(self, work: asyncio.Future) -> None:
         self.dense_lock.release()
         if not work.cancelled() and work.exception() and not isinstance(work.exception(), ServiceError):
-            log.warning("a /score_map failed: %r", work.exception())  # seen even if its client is gone
+            log.warning("a dense job failed: %r", work.exception())  # seen even if its client is gone
 
     def _decode_and_score(self, served: Model, image: Path, opts: options.ScoreOptions) -> dict:
         im = images.decode(image.read_bytes(), settings.max_image_pixels, "image")
@@ -279,11 +311,12 @@ class ConvServe:
                                   settings.tile_pixels)
 
 
-# Middlewares added first are outermost: the gate sees every request first, then ClassifyRoute answers
-# POST /classify itself (see its docstring for why); OpenAPIRoute completes BentoML's /docs.json;
-# everything else goes on to BentoML.
+# Middlewares added first are outermost: the gate sees every request first; V2Route answers /v2 (the
+# Open Inference Protocol) and ClassifyRoute POST /classify themselves (see their docstrings);
+# OpenAPIRoute completes BentoML's /docs.json; everything else goes on to BentoML.
 ConvServe.add_asgi_middleware(Gate, settings=settings, traffic=traffic,
                               route_limits={"/score_map": 1 + settings.max_dense_queue})
+ConvServe.add_asgi_middleware(V2Route, settings=settings)
 ConvServe.add_asgi_middleware(OpenAPIRoute, settings=settings,
                               bentoml_spec=lambda: ConvServe.openapi_spec.asdict())
 ConvServe.add_asgi_middleware(ClassifyRoute, max_request_bytes=settings.max_request_bytes)

@@ -42,3 +42,15 @@ def test_wrk_counts_answers_that_are_not_2xx(baseline):
 def test_wrk_refuses_other_hosts():
     with pytest.raises(SystemExit, match="not a loopback address"):
         wrk.run("http://192.0.2.1:3000", "/classify", [b"x"], seconds=1, connections=1)
+
+
+def test_wrk_speaks_the_open_inference_protocol(server, tmp_path):
+    """--protocol v2: tritonclient-shaped bodies (one padded JSON header length for all) are answered
+    200 by the real server's /v2; a body that is not an image is counted as not 2xx."""
+    good = [png for png, _ in samples.digits(20)]
+    r = wrk.run(server.url, "/v2/models/lenet5/infer", good, seconds=2, connections=4, out=tmp_path,
+                protocol="v2")
+    assert r["requests"] > 0 and r["non_2xx"] == 0, (tmp_path / "wrk.log").read_text()
+    bad = wrk.run(server.url, "/v2/models/lenet5/infer", [good[0], b"not an image"], seconds=1,
+                  connections=2, protocol="v2")
+    assert 0 < bad["non_2xx"] < bad["requests"], bad
