@@ -6,19 +6,27 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet -c constraints.txt
 PORT   ?= 3000
 EXTRAS ?= cpu,train,dev,ray
+# What serving needs (onnxruntime; BentoML is a base dependency). `make serve` installs only this:
+# the default models come from bentomodels/, so torch, Ray and the test tools wait for `make test`.
+SERVE_EXTRAS ?= cpu
 BENTOML := $(VENV)/bin/bentoml
+comma := ,
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts serve loadtest soak bench bentomodels clean
+.PHONY: install test lint artifacts store serve loadtest soak bench bentomodels clean
 
-# The Dockerfile runs this same target (VENV=/opt/venv EXTRAS=cpu), so CI exercises its install path.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# One stamp per set of extras: .venv/.installed-cpu (`make serve`), .venv/.installed-cpu,train,dev,ray
+# (`make install`, `make test`, `make artifacts`, ...). Whichever runs first creates the venv; a later,
+# larger set only adds packages. Installing a set also stamps each extra in it alone (the full set
+# includes serving's `cpu`, so `make serve` after `make test` installs nothing).
+# The Dockerfile runs `make install` (VENV=/opt/venv EXTRAS=cpu), so CI exercises its install path.
+$(VENV)/.installed-%: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[$(EXTRAS)]'
-	touch $@
+	$(PIP) -e '.[$*]'
+	touch $(sort $@ $(foreach e,$(subst $(comma), ,$*),$(VENV)/.installed-$(e)))
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(EXTRAS)
 
 test: install
 	$(PY) -m pytest
@@ -26,17 +34,45 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# The default models: the digit classifier and the digit detector (with a `background` class).
+# The shipped models: store exports (`bentoml models export`, xz tarballs of the ONNX file and its
+# card, ~0.2-0.7 MB each), committed in bentomodels/. `make artifacts` rewrites them; commit them when
+# you mean to ship the new models. lenet5-int8 is there for `make bench` (int8 vs fp32 of one LeNet).
+# Absolute paths: BentoML 1.4's `models export`/`import` read a relative dir/file as /dir/file.
+SHIPPED_DIR := bentomodels
+SHIPPED := lenet5 lenet5-int8 digit-detector
+shipped = $(abspath $(SHIPPED_DIR))
+define write_exports
+	@mkdir -p $(shipped)
+	@for m in $(SHIPPED); do \
+	  $(BENTOML) models export $$m:latest $(shipped)/$$m.tmp.bentomodel && \
+	  mv $(shipped)/$$m.tmp.bentomodel $(shipped)/$$m.bentomodel || exit 1; done
+endef
+
+# `$(call need_models,NAMES)`: make sure the store (BENTOML_HOME) has these models. One already there
+# is kept; a missing one is imported from its export in bentomodels/ (about a second); only when an
+# export is missing too are the default models trained and exported anew (`make artifacts`, minutes).
+need_models = @for m in $(1); do \
+	  $(BENTOML) models get $$m:latest >/dev/null 2>&1 && continue; \
+	  if [ -f $(shipped)/$$m.bentomodel ]; then \
+	    $(BENTOML) models import $(shipped)/$$m.bentomodel || exit 1; \
+	  else echo "no $(SHIPPED_DIR)/$$m.bentomodel: training the default models"; $(MAKE) artifacts; exit; fi; \
+	done
+
+# Retrain and re-export the default models: the digit classifier, its int8 twin and the digit detector
+# (with a `background` class); then rewrite the shipped exports from the store.
 artifacts: install
 	$(PY) -m models.train --name lenet5
 	$(PY) -m models.train --background --name digit-detector
 	$(PY) -m export --arch lenet5-relu --weights artifacts/lenet5.pt --int8
 	$(PY) -m export --arch lenet5-relu --weights artifacts/digit-detector.pt
+	$(write_exports)
 
-# Train and export the default models only when the store lacks them; then serve.
-serve: install
-	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
-	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+# The served default models in the store; a fresh store gets them from bentomodels/ (no training,
+# no torch). Then serve.
+store: $(VENV)/.installed-$(SERVE_EXTRAS)
+	$(call need_models,lenet5 digit-detector)
+
+serve: store
 	$(BENTOML) serve service.service:ConvServe --port $(PORT)
 
 # Against a running server on 127.0.0.1:$(PORT): bounded, headless; CSV + HTML under results/.
@@ -47,24 +83,20 @@ loadtest: install
 # 10 minutes of mixed load on a fresh loopback server; RSS, threads and open files before and after:
 # results/soak/soak.md and soak.json. Not part of `make test`. Stop other load on the machine first.
 SOAK_ARGS ?= --minutes 10
-soak: install
-	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
-	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+soak: install store
 	$(PY) -m loadtest.soak --out results/soak $(SOAK_ARGS)
 
 # The speed benchmarks of BENCHMARKS.md, side by side in one run (~8 min; AlexNet is exported on first
 # use; served load from Debian's wrk): results/bench/report.md and results.json. Stop other load on the
 # machine first.
 bench: install
-	@$(BENTOML) models get lenet5:latest >/dev/null 2>&1 && \
-	 $(BENTOML) models get lenet5-int8:latest >/dev/null 2>&1 && \
-	 $(BENTOML) models get digit-detector:latest >/dev/null 2>&1 || $(MAKE) artifacts
+	$(call need_models,$(SHIPPED))
 	$(PY) -m bench --out results/bench $(BENCH_ARGS)
 
-# The stored models as files, for baking into the Docker image (see the Dockerfile).
-bentomodels: install
-	$(BENTOML) models export lenet5:latest artifacts/lenet5.bentomodel
-	$(BENTOML) models export digit-detector:latest artifacts/digit-detector.bentomodel
+# The store's latest default models as the shipped exports (what `make artifacts` ends with); the
+# Docker image bakes them in (see the Dockerfile).
+bentomodels: $(VENV)/.installed-$(SERVE_EXTRAS)
+	$(write_exports)
 
 clean:
 	rm -rf $(VENV) artifacts results .pytest_cache
