@@ -224,7 +224,10 @@ async def from_images(service, model: Model, tensor: tensors.Tensor, invert: boo
     datas = tensor.data if tensor.binary else [decode_base64(t, i) for i, t in enumerate(tensor.data)]
     files = [(f"image[{i}]", data) for i, data in enumerate(datas)]
     if not is_dense(model):
-        x = await asyncio.to_thread(service.window_pixels, files, model, invert)  # (N, C, h, w)
+        if sum(len(data) for _, data in files) > images.INLINE_DECODE_BYTES:
+            x = await asyncio.to_thread(service.window_pixels, files, model, invert)  # (N, C, h, w)
+        else:
+            x = service.window_pixels(files, model, invert)
         return await submit(service, model, x)
     if len(files) > settings.max_images:
         raise ServiceError(413, f"{len(files)} images in one request, over the limit of "
