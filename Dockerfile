@@ -1,21 +1,33 @@
 # convserve serving image: onnxruntime + BentoML, no torch.
 #
-#   make artifacts bentomodels                 # train/export, then write artifacts/*.bentomodel
-#   docker build -t convserve .                # bakes artifacts/*.bentomodel in, if present
+#   docker build -t convserve .                # bakes the shipped bentomodels/*.bentomodel in
 #   docker run -p 3000:3000 convserve
+#
+# `make artifacts` retrains the models and rewrites bentomodels/ (or `make bentomodels` writes the
+# store's latest there); build again to bake those in.
 #
 # Or mount a store at run time instead of baking (no artifacts needed at build time):
 #   docker run -p 3000:3000 -v ~/bentoml/models:/home/convserve/bentoml/models:ro convserve
 #
-# GPU (onnxruntime-gpu in place of onnxruntime; needs the NVIDIA container toolkit):
-#   docker build -t convserve:gpu --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#       --build-arg EXTRAS=gpu .
+# GPU: onnxruntime-gpu (pinned in pyproject's `gpu` extra) on NVIDIA's CUDA 13 + cuDNN 9 runtime image.
+# PyPI's onnxruntime-gpu 1.31 is a CUDA 13 build (libcudart.so.13, cuDNN 9 for CUDA 13): on a CUDA 12
+# base its CUDA provider cannot load. The host needs the NVIDIA container toolkit and a driver of the
+# CUDA 13 generation, >= 580 (the base image's NVIDIA_REQUIRE_CUDA makes the toolkit refuse older ones).
+# tests/test_docker_gpu.py checks that this base's CUDA major is the pinned wheel's.
+#   docker build -t convserve:gpu --build-arg VARIANT=gpu .
 #   docker run --gpus all -p 3000:3000 convserve:gpu
 #
 # Batch scoring on Ray (deploy/ray/rayjob.yaml): docker build --build-arg EXTRAS=cpu,ray -t convserve:ray .
-ARG BASE=python:3.11-slim
-FROM ${BASE}
-ARG EXTRAS=cpu
+ARG VARIANT=cpu
+FROM python:3.11-slim AS base-cpu
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base-gpu
+# A GPU image that came up on CPU is a fault, not a fallback: the server exits at start with
+# onnxruntime's error (service/engine/cuda.py). Override with -e CONVSERVE_PROVIDERS=auto.
+ENV CONVSERVE_PROVIDERS=cuda
+# Only the stage named here is built (and pulled).
+FROM base-${VARIANT}
+ARG VARIANT
+ARG EXTRAS=${VARIANT}
 
 ENV BENTOML_DO_NOT_TRACK=true \
     BENTOML_HOME=/home/convserve/bentoml \
@@ -40,10 +52,9 @@ COPY batch/ batch/
 RUN make install VENV=/opt/venv EXTRAS=${EXTRAS} \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
-# Bake exported models in when artifacts/*.bentomodel exist (the Makefile is listed so the COPY
-# never matches nothing).
-COPY Makefile artifacts/*.bentomodel* /tmp/models/
-RUN for f in /tmp/models/*.bentomodel; do [ -e "$f" ] && /opt/venv/bin/bentoml models import "$f"; done; \
+# Bake the shipped models in (store exports; after the install, so new models keep its layer cached).
+COPY bentomodels/ /tmp/models/
+RUN for f in /tmp/models/*.bentomodel; do /opt/venv/bin/bentoml models import "$f" || exit 1; done; \
     rm -rf /tmp/models; mkdir -p "$BENTOML_HOME" && chown -R convserve "$BENTOML_HOME"
 
 USER convserve

@@ -14,7 +14,7 @@ comma := ,
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts store serve loadtest soak bench bentomodels clean
+.PHONY: install test lint artifacts store serve loadtest soak bench bench-datapath bentomodels clean
 
 # One stamp per set of extras: .venv/.installed-cpu (`make serve`), .venv/.installed-cpu,train,dev,ray
 # (`make install`, `make test`, `make artifacts`, ...). Whichever runs first creates the venv; a later,
@@ -92,6 +92,14 @@ soak: install store
 bench: install
 	$(call need_models,$(SHIPPED))
 	$(PY) -m bench --out results/bench $(BENCH_ARGS)
+
+# The data path's levers (uint8 input head, top-k in the graph, IO binding, fp16) and /score_map end to
+# end vs model time, in one run (~5 min on 2 cores): results/datapath/. On a GPU machine (the `gpu`
+# extra): make bench-datapath BENCH_DATAPATH_ARGS="--provider cuda".
+BENCH_DATAPATH_ARGS ?= --provider auto
+bench-datapath: install
+	$(call need_models,$(SHIPPED))
+	$(PY) -m bench.datapath --out results/datapath $(BENCH_DATAPATH_ARGS)
 
 # The store's latest default models as the shipped exports (what `make artifacts` ends with); the
 # Docker image bakes them in (see the Dockerfile).

@@ -1,10 +1,12 @@
 """Export a trained classifier as a verified fully-convolutional ONNX model into BentoML's store.
 
-    python -m export --arch lenet5-relu --weights artifacts/lenet5.pt [--int8] [--name lenet5]
+    python -m export --arch lenet5-relu --weights artifacts/lenet5.pt [--int8] [--fp16] [--name lenet5]
 
 Reads the training record beside the weights (`artifacts/lenet5.json`) for labels, data and accuracy.
-Writes `<out>/<name>.onnx` (and `<name>-int8.onnx`), verifies each with onnxruntime against PyTorch
-(export/onnx_export.py), and saves each to the store with its model card unless --no-store.
+Writes `<out>/<name>.onnx` (and `<name>-int8.onnx`, `<name>-fp16.onnx`), verifies each with onnxruntime
+against PyTorch (export/onnx_export.py), adds the uint8 input head and the classification head to each
+(export/heads.py, verified against the model without them), and saves each to the store with its model
+card unless --no-store.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import onnx
 import onnxruntime
 import torch
 
-from export import quantize
+from export import fp16, heads, quantize
 from export.card import CARD_SCHEMA, embed, save_to_store
 from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import deviation_dict, export_onnx, verify
-from export.samples import dense_samples, window_samples
+from export.samples import dense_samples, real_pixels, window_samples
 from models import cli
 from models.registry import get_arch, list_archs
 
@@ -38,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="store name (default: the weights file's stem, else the arch)")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="where the .onnx files go")
     p.add_argument("--int8", action="store_true", help="also export a static int8 model <name>-int8")
+    p.add_argument("--fp16", action="store_true",
+                   help="also export an fp16 model <name>-fp16 (for CUDA; fp32 inputs and outputs)")
+    p.add_argument("--top-k", type=int, default=heads.DEFAULT_TOP_K,
+                   help="scores per image the in-graph classification head returns (default %(default)s)")
+    p.add_argument("--no-heads", action="store_true",
+                   help="export the plain network: float32 input only, no heads (as before issue 14)")
     p.add_argument("--no-store", action="store_true", help="write files only, skip the model store")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = record.get("data", "")
     noise, real, real_labels, calib = window_samples(spec, data, args.seed)
-    deviation = verify(model, fp32_path, geo, torch.cat([noise, real]),
-                       dense_samples(spec, geo, data, args.seed))
+    dense_inputs = dense_samples(spec, geo, data, args.seed)
+    deviation = verify(model, fp32_path, geo, torch.cat([noise, real]), dense_inputs)
 
     card = {
         "schema": CARD_SCHEMA,
@@ -112,21 +120,41 @@ def main(argv: list[str] | None = None) -> None:
             "quantization": "none (fp32)",
         },
     }
-    embed(fp32_path, card)
     outputs = [(name, fp32_path, card)]
     print(f"{name}: stride {geo.stride}, window {geo.window}, receptive field {geo.receptive_field}, "
           f"exact={geo.exact}; dense deviation {deviation.relative_diff:.2e} (relative), argmax "
           f"agreement {deviation.argmax_agreement:.4f} → {fp32_path}")
 
-    if args.int8:
+    held_labels = real_labels.numpy() if real_labels is not None else None
+    if args.int8:  # from the plain fp32 network: the quantizer calibrates its float input
         int8_path = args.out / f"{name}-int8.onnx"
         quantize.quantize(fp32_path, int8_path, calib.numpy())
-        report = quantize.compare(fp32_path, int8_path, real.numpy(),
-                                  real_labels.numpy() if real_labels is not None else None)
-        int8_card = {**card, "provenance": {**card["provenance"], "quantization": report}}
-        embed(int8_path, int8_card)
-        outputs.append((f"{name}-int8", int8_path, int8_card))
+        report = quantize.compare(fp32_path, int8_path, real.numpy(), held_labels)
+        outputs.append((f"{name}-int8", int8_path, {**card, "provenance": {**card["provenance"],
+                                                                           "quantization": report}}))
         print(f"{name}-int8: top-1 agreement with fp32 {report['top1_agreement']:.4f} → {int8_path}")
+    if args.fp16:
+        fp16_path = args.out / f"{name}-fp16.onnx"
+        fp16.convert(fp32_path, fp16_path)
+        report = fp16.compare(fp32_path, fp16_path, real.numpy(), held_labels,
+                              [x.numpy() for x in dense_inputs])
+        outputs.append((f"{name}-fp16", fp16_path, {**card, "provenance": {**card["provenance"],
+                                                                           "quantization": report}}))
+        print(f"{name}-fp16: top-1 agreement with fp32 {report['top1_agreement']:.4f}, relative score "
+              f"difference {report['relative_diff']:.2e} → {fp16_path}")
+
+    if not args.no_heads:
+        window_px, page_px = real_pixels(spec, geo, data, args.seed)
+        for i, (out_name, path, out_card) in enumerate(outputs):
+            before = path.read_bytes()
+            added = heads.add_heads(path, out_card["input"], len(labels), args.top_k)
+            checked = heads.verify_heads(before, path, out_card["input"], window_px, page_px)
+            added["onnx"]["heads"]["verified"] = checked
+            outputs[i] = (out_name, path, heads.merge_card(out_card, added))
+        print(f"heads: uint8 input and top-{min(args.top_k, len(labels))} in the graph, verified on "
+              f"{checked['images']} real images (worst relative difference {checked['pixels_vs_float']:.1e})")
+    for _, path, out_card in outputs:
+        embed(path, out_card)
 
     if not args.no_store:
         for store_name, path, model_card in outputs:

@@ -47,10 +47,13 @@ def export_onnx(fcn: nn.Sequential, channels: int, window: int, path: Path) -> o
     return onnx.load(str(path))
 
 
-def session(path: Path | str) -> ort.InferenceSession:
+def session(model: Path | str | bytes) -> ort.InferenceSession:
+    """A CPU session on a file or on ONNX bytes."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3  # not the optional `pixels` input's warning on every load (heads.py)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def relative_diff(a: np.ndarray, b: np.ndarray) -> float:

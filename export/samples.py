@@ -69,3 +69,27 @@ def dense_samples(spec: ArchSpec, geo: Geometry, data_spec: str, seed: int) -> l
     else:  # one pixel short of another cell: AlexNet emits an overhanging cell there
         real = spec.input.to_tensor(_photo_crops(win + 3 * s - 1, 2, rng))
     return [noise, real]
+
+
+def _nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, C) → (N, C, H, W), as the service lays pixels out."""
+    return np.ascontiguousarray(images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2))
+
+
+def real_pixels(spec: ArchSpec, geo: Geometry, data_spec: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real uint8 images as the service feeds them, for checking the pixel head: (window-size
+    (N, C, win, win), one larger image (1, C, H, W)). The held-out split where there is data, else
+    sklearn's photos."""
+    rng = np.random.default_rng(seed)
+    win, s = spec.input.height, geo.stride
+    split = _split(spec, data_spec)
+    if split is None:
+        return _nchw(_photo_crops(win, 24, rng)), _nchw(_photo_crops(win + 3 * s - 1, 1, rng))
+    held = split[1]
+    window = _nchw(held.images[:512])
+    if spec.input.mode == "L":
+        page = pages.synth_page(rng, held.images, held.labels, win + 18 * s + 3, win + 24 * s + 1,
+                                n_digits=12)
+        return window, _nchw(page.image[None])
+    mosaic = np.concatenate([np.concatenate(held.images[i : i + 2], 1) for i in (0, 2)], 0)  # 2×2 images
+    return window, _nchw(mosaic[None])

@@ -41,10 +41,6 @@ from service.settings import Settings
 # BentoML json-decodes each multipart form field, so `-F scales=1` arrives as an int, `-F model=null` as
 # None: text fields turn whatever JSON value arrived back into the text that was sent.
 FormText = Annotated[str, BeforeValidator(lambda v: v if isinstance(v, str) else json.dumps(v))]
-# Requests with more image bytes than this are decoded and resized in a thread (Pillow releases the GIL
-# there, so it runs beside the event loop); smaller ones inline, where a thread hop (~50–100 µs) would
-# cost more than the work: a digit PNG is ~300 bytes, a 224² JPEG photo ~15 kB.
-INLINE_DECODE_BYTES = 4096
 
 settings = Settings()
 log = logging.getLogger("convserve")
@@ -128,11 +124,11 @@ read_only = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
     # only as a backstop behind the gate's, and its max_concurrency is off.
     traffic={"timeout": settings.timeout_s + 30},
     # The gate writes one access line per request, with its request ID; BentoML's would be a second.
-    # /classify is the hot path: BentoML's tracing span costs a large share of a LeNet request
+    # /classify and /v2 are the hot paths: BentoML's tracing span costs a large share of a LeNet request
     # (BENCHMARKS.md). Its request metrics still count /classify, and ClassifyRoute adds its own
     # latency histogram by status.
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ["/classify"]},
+    tracing={"excluded_urls": ["/classify", "/v2/"]},
 )
 class ConvServe:
     def __init__(self) -> None:
@@ -188,21 +184,20 @@ class ConvServe:
             raise ServiceError(422, f"top_k={top_k}: {model.name} has {len(labels)} labels and this "
                                     f"server answers at most top_k={settings.max_top_k}",
                                "invalid_parameter")
-        if sum(len(data) for _, data in files) > INLINE_DECODE_BYTES:
+        if sum(len(data) for _, data in files) > images.INLINE_DECODE_BYTES:
             x = await asyncio.to_thread(self.window_pixels, files, model, invert)
         else:
             x = self.window_pixels(files, model, invert)
         try:
-            scores = await self.engine.submit(model.name, x)  # (N, K, 1, 1)
+            # (N, top_k) each: from the graph's softmax + TopK head where the model has one
+            probs, top = await self.engine.submit_topk(model.name, x, top_k)
         except Overloaded as e:
             raise ServiceError(503, f"{model.name} is overloaded: {e}; retry after the Retry-After "
                                     f"seconds", "overloaded", retry_after=e.retry_after_s) from None
-        probs = dense.softmax(scores[:, :, 0, 0], axis=1)  # (N, K)
-        top = np.argsort(-probs, axis=1)[:, :top_k]
         return {"model": model.name, "version": model.card["version"], "predictions": [
-            {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p[k]), 6)}
-                                         for k in ks]}
-            for (name, _), p, ks in zip(files, probs, top, strict=True)]}
+            {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p), 6)}
+                                         for p, k in zip(ps, ks, strict=True)]}
+            for (name, _), ps, ks in zip(files, probs, top, strict=True)]}
 
     def window_pixels(self, files: list[tuple[str, bytes]], model: Model, invert: bool) -> np.ndarray:
         """(name, bytes) → uint8 (N, C, h, w) at the model's window, refusing too many or too small

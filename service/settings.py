@@ -23,6 +23,11 @@ class Settings(BaseSettings):
                            description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
     cuda_device: int = Field(0, ge=0)
     cuda_mem_limit_gb: float = Field(8.0, gt=0, description="CUDA arena limit per model")
+    cuda_tf32: bool = Field(True, description="let CUDA run fp32 convolutions and GEMMs in TF32 "
+                            "(onnxruntime's default; faster, ~1e-3 relative): false for true fp32")
+    io_binding: str = Field("auto", pattern="^(auto|on|off)$",
+                            description="window batches through preallocated IO-bound buffers: auto = on "
+                                        "CUDA only (on a CPU it gains nothing: service/engine/binding.py)")
     max_batch_size: int = Field(64, ge=1, description="images per onnxruntime call in /classify")
     batch_wait_ms: float = Field(0.0, ge=0,
                                  description="extra wait for a batch to fill; 0 = run as soon as the "

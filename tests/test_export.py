@@ -62,7 +62,7 @@ def test_export_cli_to_store_and_back(tmp_path, bentoml_home, trained_lenet):
     assert card["version"] == fp32.tag.version and card["name"] == "digits"
     assert card["labels"] == [str(d) for d in range(10)]
     assert card["input"] == {"mode": "L", "height": 28, "width": 28, "mean": [0.1307], "std": [0.3081],
-                             "scale": 1 / 255, "channels": 1}
+                             "scale": 1 / 255, "channels": 1, "dtype": "uint8", "layout": "NCHW"}
     assert card["dense"]["stride"] == 4 and card["dense"]["exact"] is True
     assert card["dense"]["deviation"]["relative_diff"] <= 1e-4
     assert card["provenance"]["held_out_accuracy"] > 0.5

@@ -3,13 +3,15 @@
     engine = Engine.from_store(settings)
     scores = await engine.submit("lenet5", pixels)    # uint8 (N, C, H, W) → float32 (N, K, h, w)
     scores = engine.run("digit-detector", tile)       # the same, from a thread that is not the loop
+    probs, classes = await engine.submit_topk("lenet5", pixels, k)   # (N, k) each, best first
 
 It owns what makes a model call fast and safe, so that no front repeats it: a queue per model and the
 batches formed from it (batcher.py), batch-size buckets (buckets.py), the sessions and their provider
 options (sessions.py), one inference thread per model (worker.py), warm-up, and per-model metrics
-(metrics.py). Inputs are uint8 pixels, normalized here once per batch as the model card says, or
-float32 already normalized. The engine imports neither BentoML nor Starlette (store.py reads the model
-store, lazily); the fronts never import onnxruntime.
+(metrics.py). Inputs are uint8 pixels, normalized here once per batch as the model card says (or fed
+as they are to graphs that normalize them: export/heads.py), or float32 already normalized. The engine
+imports neither BentoML nor Starlette (store.py reads the model store, lazily); the fronts never import
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from service.engine import metrics
 from service.engine.batcher import Overloaded  # noqa: F401 - the fronts catch it as engine.Overloaded
 from service.engine.buckets import bucket_sizes
 from service.engine.metrics import Batch
-from service.engine.sessions import CUDA, Model
+from service.engine.sessions import CUDA, Model, topk
 from service.engine.worker import ModelWorker
 from service.settings import Settings
 
@@ -66,6 +68,21 @@ class Engine:
         if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
             return await asyncio.wrap_future(futures[0])
         return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+
+    async def submit_topk(self, model: str, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most probable classes of each window-size image of x: (probabilities (N, k), class
+        indices (N, k)), best first, ties in class order. From the graph's top-k head where the model
+        has one that reaches k (only those numbers leave the device), else from its scores in numpy:
+        the same answers either way (tests/test_heads.py)."""
+        if k > self.workers[model].model.topk_k > 0:  # a head, but too short for this k
+            return topk((await self.submit(model, x))[:, :, 0, 0], k)
+        futures = self.workers[model].submit(x, shed=True, want="topk")
+        parts = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        values = np.concatenate([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
+        indices = np.concatenate([i for _, i in parts]) if len(parts) > 1 else parts[0][1]
+        if values.shape[1] < k:  # a version with a shorter head was rolled out meanwhile
+            return topk((await self.submit(model, x))[:, :, 0, 0], k)
+        return values[:, :k], indices[:, :k]
 
     def run(self, model: str, x: np.ndarray) -> np.ndarray:
         """The same as submit, blocking: for pipelines running in a thread (dense tiles)."""

@@ -42,6 +42,7 @@ class Request(NamedTuple):
     future: Future  # receives the scores (n, K, h, w), or the model's exception
     enqueued: float  # time.perf_counter() at submit
     shed: bool  # may be failed with Overloaded once it has waited max_queue_s
+    want: str = "scores"  # which output it receives: "scores", or "topk" (sessions.Model.infer)
 
 
 class BatchQueue:
@@ -53,10 +54,10 @@ class BatchQueue:
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, x: np.ndarray, shed: bool = False) -> Future:
+    def put(self, x: np.ndarray, shed: bool = False, want: str = "scores") -> Future:
         if len(x) > self.max_items:
             raise ValueError(f"{len(x)} items in one request; split it into at most {self.max_items}")
-        request = Request(x, Future(), time.perf_counter(), shed)
+        request = Request(x, Future(), time.perf_counter(), shed, want)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the engine is shut down")

@@ -3,6 +3,10 @@
 CUDA when onnxruntime-gpu is installed and sees a GPU (cuDNN's conv algorithm search set explicitly,
 arena growth bounded), else CPU with every graph optimization (layout transforms matter: measured
 ~30 % on AlexNet) and intra-op threads sized so that workers × threads = cores.
+
+A session that was meant for CUDA but came up on CPU (onnxruntime falls back with only a log line) is
+an error with CONVSERVE_PROVIDERS=cuda and a warning with auto, in the log and in GET /models
+(create_session; cuda.py says why and what to install).
 """
 
 from __future__ import annotations
@@ -14,20 +18,30 @@ import numpy as np
 import onnxruntime as ort
 
 from service.card import InputSpec
+from service.engine import cuda as cuda_check
+from service.engine.binding import Binder
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
+class ProviderError(RuntimeError):
+    """CONVSERVE_PROVIDERS=cuda, and CUDA is not what onnxruntime can run here."""
+
+
+def wants_cuda(settings: Settings) -> bool:
+    return settings.providers == "cuda" or (settings.providers == "auto"
+                                            and CUDA in ort.get_available_providers())
+
+
 def providers(settings: Settings) -> list:
-    available = ort.get_available_providers()
-    want_cuda = settings.providers == "cuda" or (settings.providers == "auto" and CUDA in available)
-    if want_cuda and CUDA not in available:
-        raise RuntimeError("CONVSERVE_PROVIDERS=cuda, but this onnxruntime has no CUDA provider: "
-                           "install the `gpu` extra (onnxruntime-gpu) instead of `cpu`")
-    if not want_cuda:
+    if not wants_cuda(settings):
         return [CPU]
+    if CUDA not in ort.get_available_providers():
+        raise ProviderError("CONVSERVE_PROVIDERS=cuda, but this onnxruntime has no CUDA provider: "
+                            "install the `gpu` extra (onnxruntime-gpu) instead of `cpu`. "
+                            + cuda_check.ADVICE)
     cuda = {
         "device_id": settings.cuda_device,
         # EXHAUSTIVE benchmarks every conv algorithm once per new input shape: worth it for the few
@@ -37,6 +51,7 @@ def providers(settings: Settings) -> list:
         "arena_extend_strategy": "kSameAsRequested",  # grow by what is asked, not by doubling
         "gpu_mem_limit": int(settings.cuda_mem_limit_gb * 2**30),
         "do_copy_in_default_stream": True,
+        "use_tf32": int(settings.cuda_tf32),
     }
     return [(CUDA, cuda), CPU]
 
@@ -63,6 +78,8 @@ class Model:
     input: InputSpec = field(init=False)
     warmup_ms: float = 0.0
     shapes_warmed: list = field(default_factory=list)
+    provider_warning: str = ""  # CUDA was wanted (auto) but the session came up on CPU: why
+    binder: Binder | None = None  # IO binding for window batches (CUDA by default: binding.py)
 
     def __post_init__(self) -> None:
         self.input = InputSpec.from_card(self.card)
@@ -84,25 +101,108 @@ class Model:
         """(C, H, W) of one image at the size the classifier was trained on."""
         return self.input.channels, self.window, self.window
 
+    @property
+    def takes_pixels(self) -> bool:
+        """The graph normalizes uint8 pixels itself (export/heads.py); older cards: float32 only."""
+        return "pixels" in self.card["onnx"]
+
+    @property
+    def topk_k(self) -> int:
+        """How many classes the in-graph top-k head returns per image; 0: no head (older cards)."""
+        return int(self.card["onnx"].get("heads", {}).get("classify", {}).get("k", 0))
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """uint8 pixels (normalized here, as the card says) or float32 already normalized, (N, C, H, W)
-        → scores (N, K, h, w), cropped to the cells inside the image. The only onnxruntime call."""
-        if x.dtype == np.uint8:
-            x = self.input.normalize(x)
-        scores = self.session.run([self.card["onnx"]["output"]], {self.card["onnx"]["input"]: x})[0]
-        dense = self.card["dense"]
-        h = (x.shape[2] - dense["window"]) // dense["stride"] + 1
-        w = (x.shape[3] - dense["window"]) // dense["stride"] + 1
-        return scores[:, :, :h, :w]
+        """uint8 pixels or float32 already normalized, (N, C, H, W) → scores (N, K, h, w), cropped to
+        the cells inside the image."""
+        return self.infer(x, {"scores"})["scores"]
+
+    def infer(self, x: np.ndarray, wants: set[str]) -> dict:
+        """The one onnxruntime call. `wants`: "scores" (as run) and/or "topk": (probabilities (N, k),
+        class indices (N, k)) of the first cell, best first, from the graph's head when it has one
+        (k = topk_k; only those leave the device), else from the scores in numpy (k = K). Pixels are
+        fed as uint8 to graphs that normalize them, else normalized here as the card says."""
+        onnx = self.card["onnx"]
+        if self.takes_pixels and x.dtype == np.uint8:  # the float `input` is required: an empty one
+            feeds = {onnx["pixels"]: x, onnx["input"]: np.empty((0, *x.shape[1:]), np.float32)}
+        else:  # `pixels`, where the graph has it, is optional and empty unless fed
+            feeds = {onnx["input"]: self.input.normalize(x) if x.dtype == np.uint8 else x}
+        head = onnx.get("heads", {}).get("classify") if "topk" in wants else None
+        names = [onnx["output"]] if "scores" in wants or ("topk" in wants and not head) else []
+        if head:
+            names += [head["values"], head["indices"]]
+        if self.binder and x.shape[1:] == self.window_shape:
+            n, labels = len(x), len(self.card["labels"])
+            shapes = {onnx["output"]: (n, labels, 1, 1)}
+            if head:
+                shapes[head["values"]] = shapes[head["indices"]] = (n, head["k"])
+            values = self.binder.run(feeds, names, shapes)
+        else:
+            values = self.session.run(names, feeds)
+        got = dict(zip(names, values, strict=True))
+        out = {}
+        if onnx["output"] in got:
+            dense = self.card["dense"]
+            h = (x.shape[2] - dense["window"]) // dense["stride"] + 1
+            w = (x.shape[3] - dense["window"]) // dense["stride"] + 1
+            out["scores"] = got[onnx["output"]][:, :, :h, :w]
+        if "topk" in wants:
+            out["topk"] = (got[head["values"]], got[head["indices"]]) if head else \
+                topk(got[onnx["output"]][:, :, 0, 0], len(self.card["labels"]))
+        if "scores" not in wants:
+            out.pop("scores", None)
+        return out
 
     def describe(self) -> dict:
-        return {**self.card, "tag": self.tag, "provider": self.provider, "warmup_ms": self.warmup_ms,
+        return {**self.card, "tag": self.tag, "provider": self.provider,
+                "provider_warning": self.provider_warning, "io_binding": self.binder is not None,
+                "warmup_ms": self.warmup_ms,
                 "warmed_shapes": self.shapes_warmed}
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Over axis 1 of (N, K)."""
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) scores → the k most probable classes' (probabilities, indices), best first; ties in
+    class order, as ONNX TopK breaks them (a stable sort), so both paths name the same classes."""
+    probs = softmax(scores)
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(probs, indices, 1), indices
+
+
+def create_session(model: str | bytes, settings: Settings,
+                   quiet: bool = False) -> tuple[ort.InferenceSession, str]:
+    """The session for `model` (a path or ONNX bytes), and "" or why it runs on CPU although CUDA was
+    wanted (auto). Raises ProviderError for that with CONVSERVE_PROVIDERS=cuda. `quiet`: only errors
+    from the session's own log (for graphs with an optional input: onnxruntime warns about it on every
+    load; export/heads.py). The provider's load errors come from onnxruntime's default log, kept."""
+    options = session_options(settings)
+    if quiet:
+        options.log_severity_level = 3
+    chosen = providers(settings)
+    if chosen == [CPU]:
+        return ort.InferenceSession(model, options, providers=chosen), ""
+    with cuda_check.stderr_captured() as said:
+        session = ort.InferenceSession(model, options, providers=chosen)
+    got = session.get_providers()[0]
+    if got == CUDA:
+        return session, ""
+    why = (f"the CUDA provider did not load, so the session runs on {got}. onnxruntime said: "
+           f"{cuda_check.onnxruntime_said(said)}. {cuda_check.ADVICE}")
+    if settings.providers == "cuda":
+        raise ProviderError(f"CONVSERVE_PROVIDERS=cuda, but {why}")
+    log.warning("CONVSERVE_PROVIDERS=auto: %s", why)
+    return session, why
+
+
 def open_model(tag: str, card: dict, onnx_path: str, settings: Settings) -> Model:
-    session = ort.InferenceSession(onnx_path, session_options(settings), providers=providers(settings))
-    model = Model(tag, card, session)
+    session, warning = create_session(onnx_path, settings, quiet="pixels" in card["onnx"])
+    model = Model(tag, card, session, provider_warning=warning)
+    if settings.io_binding == "on" or (settings.io_binding == "auto" and model.provider == CUDA):
+        model.binder = Binder(session, "cuda" if model.provider == CUDA else "cpu", settings.cuda_device)
     log.info("loaded %s (%s) on %s with %d intra-op threads", tag, card["arch"], model.provider,
              settings.intra_op_threads)
     return model

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 
-from service.engine.sessions import Model, open_model
+from service.engine import cuda
+from service.engine.sessions import Model, ProviderError, open_model, providers, wants_cuda
 from service.settings import Settings
 
+# Set once the provider was checked in this process, so the server's workers (which import the service
+# again, with this environment) do not each probe CUDA a second time.
+_CHECKED = "_CONVSERVE_PROVIDER_CHECKED"
 
-def check_store(tags: list[str]) -> None:
-    """Exit with a clear message when the store lacks a model. Called at import, so `bentoml serve`
-    stops before it starts workers (a worker failing later leaves the server up, serving nothing)."""
+
+def check_store(tags: list[str], settings: Settings | None = None) -> None:
+    """Exit with a clear message when the store lacks a model, or when CONVSERVE_PROVIDERS=cuda and
+    no session can run on CUDA here. Called at import, so `bentoml serve` stops before it starts
+    workers (a worker failing later leaves the server up, serving nothing: BentoML restarts it every
+    10 s, forever)."""
     import bentoml  # here, not at the top: the engine's other modules never need BentoML
 
     if not tags:
@@ -26,6 +33,19 @@ def check_store(tags: list[str]) -> None:
                          f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); run "
                          f"`make artifacts` (or `python -m export ...`), or set CONVSERVE_MODELS to "
                          f"models you have")
+    check_provider(settings or Settings())
+
+
+def check_provider(settings: Settings) -> None:
+    """CUDA wanted: can a session run on it? (cuda.check_at_start: a probe in a subprocess.)"""
+    if not wants_cuda(settings) or os.environ.get(_CHECKED):
+        return
+    try:
+        providers(settings)
+    except ProviderError as e:
+        raise SystemExit(f"error: {e}") from None
+    cuda.check_at_start()
+    os.environ[_CHECKED] = "1"
 
 
 def load(tag: str, settings: Settings) -> Model:

@@ -40,14 +40,15 @@ class ModelWorker:
         self.thread = threading.Thread(target=self._loop, name=f"infer-{model.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, x: np.ndarray, shed: bool = False) -> list[Future]:
-        """(n, C, H, W) → futures of the scores of consecutive slices of at most max_batch_size rows.
-        With `shed`, raises batcher.Overloaded instead of queueing past the queue bound."""
+    def submit(self, x: np.ndarray, shed: bool = False, want: str = "scores") -> list[Future]:
+        """(n, C, H, W) → futures of the scores (or of what `want` names: sessions.Model.infer) of
+        consecutive slices of at most max_batch_size rows. With `shed`, raises batcher.Overloaded
+        instead of queueing past the queue bound."""
         step = self.queue.max_items
         futures: list[Future] = []
         try:
             for i in range(0, len(x), step):
-                futures.append(self.queue.put(x[i : i + step], shed))
+                futures.append(self.queue.put(x[i : i + step], shed, want))
         except Exception:
             for future in futures:  # all or nothing: the slices already queued are withdrawn
                 future.cancel()
@@ -77,17 +78,24 @@ class ModelWorker:
         n = len(x)
         window = x.shape[1:] == model.window_shape
         size = bucket_for(n, self.buckets) if window else n  # dense images run alone, at their size
-        if x.dtype == np.uint8:
-            x = model.input.normalize(x)  # once per batch, vectorized
+        if x.dtype == np.uint8 and not getattr(model, "takes_pixels", False):
+            x = model.input.normalize(x)  # once per batch, vectorized; newer graphs normalize inside
         x = pad(x, size)
+        wants = {request.want for request in batch}
         started = time.perf_counter()
-        scores = model.run(x)[:n]  # (n, K, h, w)
+        if wants == {"scores"}:
+            outputs = {"scores": model.run(x)[:n]}  # (n, K, h, w)
+        else:  # only these leave the device
+            outputs = {want: tuple(a[:n] for a in out) if isinstance(out, tuple) else out[:n]
+                       for want, out in model.infer(x, wants).items()}
         finished = time.perf_counter()
         if window:
             self.queue.observe(n, finished - started)
         row = 0
         for request in batch:
-            request.future.set_result(scores[row : row + len(request.x)])
+            rows = slice(row, row + len(request.x))
+            out = outputs[request.want]
+            request.future.set_result(tuple(a[rows] for a in out) if isinstance(out, tuple) else out[rows])
             row += len(request.x)
         try:
             self.observe(Batch(model.name, "window" if window else "dense", n, size,
