@@ -41,10 +41,19 @@ def best_seconds(fn: Callable[[], object], min_s: float = 0.3, rounds: int = 3) 
 def conv_macs(path: str, shape: tuple[int, ...]) -> int:
     """Multiply-accumulates in every Conv of the ONNX model for one input of `shape` (N, C, H, W)."""
     model = onnx.load(path)
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    for dim, size in zip(dims, shape, strict=True):
-        dim.ClearField("dim_param")
-        dim.dim_value = size
+    # The float input gets `shape`; an empty uint8 `pixels` input beside it (export/heads.py: the two
+    # are concatenated on the batch axis) gets (0, C, H, W), or shapes after the Concat stay unknown.
+    # Its default value (an initializer of the window's size) goes, for the same reason.
+    first = model.graph.input[0].name
+    for graph_input in model.graph.input:
+        sizes = shape if graph_input.name == first else (0, *shape[1:])
+        for dim, size in zip(graph_input.type.tensor_type.shape.dim, sizes, strict=True):
+            dim.ClearField("dim_param")
+            dim.dim_value = size
+    defaults = [w for w in model.graph.initializer
+                if w.name != first and w.name in {i.name for i in model.graph.input}]
+    for w in defaults:
+        model.graph.initializer.remove(w)
     del model.graph.value_info[:]  # the exporter's symbolic shapes; re-infer them for this size
     model = shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
