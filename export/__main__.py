@@ -5,7 +5,8 @@
 Reads the training record beside the weights (`artifacts/lenet5.json`) for labels, data and accuracy.
 Writes `<out>/<name>.onnx` (and `<name>-int8.onnx`, `<name>-fp16.onnx`), verifies each with onnxruntime
 against PyTorch (export/onnx_export.py), adds the uint8 input head and the classification head to each
-(export/heads.py, verified against the model without them), and saves each to the store with its model
+(export/heads.py, verified against the model without them) and, for a detector (a `background` label),
+the dense peak head (verified against the numpy path), and saves each to the store with its model
 card unless --no-store.
 """
 
@@ -150,9 +151,15 @@ def main(argv: list[str] | None = None) -> None:
             added = heads.add_heads(path, out_card["input"], len(labels), args.top_k)
             checked = heads.verify_heads(before, path, out_card["input"], window_px, page_px)
             added["onnx"]["heads"]["verified"] = checked
+            if heads.BACKGROUND in labels:  # a detector: its peaks in the graph too
+                peaks = heads.add_dense_head(path, out_card["dense"], labels)
+                peaks["verified"] = heads.verify_dense_head(path, labels, [page_px, window_px])
+                added["onnx"]["heads"]["peaks"] = peaks
             outputs[i] = (out_name, path, heads.merge_card(out_card, added))
         print(f"heads: uint8 input and top-{min(args.top_k, len(labels))} in the graph, verified on "
               f"{checked['images']} real images (worst relative difference {checked['pixels_vs_float']:.1e})")
+        if heads.BACKGROUND in labels:
+            print(f"dense head: objectness peaks in the graph, verified: {peaks['verified']}")
     for _, path, out_card in outputs:
         embed(path, out_card)
 

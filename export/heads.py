@@ -13,6 +13,12 @@
   at the window size (`probs` (N, K), `topk_values`, `topk_indices` (N, k)): only k scores per image
   need leave the device. On the first cell only: onnxruntime computes every node on every call whatever
   outputs are asked for (measured), so a head over a whole dense map would cost every dense call.
+- dense peak head, detectors only (a `background` label): softmax over the classes of every cell,
+  objectness 1 − p(background), its 3×3 peaks at or above an optional `threshold` input → `peak_cells`
+  (M, 3) and the raw scores there, `peak_scores` (M, K): /score_map's detections need only these, not
+  the (K, h, w) map (service/dense.py tiled_peaks). Scores rather than probabilities: numpy's softmax
+  of them is bit for bit the numpy path's, so detections tied at a score of 1.0 keep the same order.
+  It runs on every dense call, plain score calls too (see above): bench/datapath.py measures it.
 
 The network itself is untouched; its float input and `scores` output mean what they meant.
 """
@@ -141,3 +147,125 @@ def verify_heads(before: bytes, after: Path, spec: dict, window: np.ndarray, pag
     if np.abs(values - expected).max() > 1e-5 or np.abs(picked - values).max() > 1e-5:
         raise VerificationError("TopK in the graph disagrees with sorting the softmax")
     return {name: float(f"{v:.3g}") for name, v in worst.items()} | {"images": int(len(window) + len(page))}
+
+
+BACKGROUND = "background"  # service/dense.py's name for "no object here"
+PEAK_CELLS, PEAK_SCORES, THRESHOLD = "peak_cells", "peak_scores", "threshold"
+DEFAULT_THRESHOLD = 0.8  # /score_map's default (service/options.py); the caller feeds its own
+
+
+def add_dense_head(path: Path, dense: dict, labels: list[str], threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """Rewrite the ONNX file at `path` (already with add_heads' `head_x`) with the dense peak head of a
+    detector (a `background` label): softmax over the classes, objectness 1 − p(background), its 3×3
+    peaks at or above `threshold` (an optional scalar input) → `peak_cells` (M, 3) int64 (n, y, x) and
+    their raw scores `peak_scores` (M, K): service/dense.py's numpy path in the graph. The scores are
+    first cropped to the cells inside the image (Model.infer crops the same way), so that no cell
+    outside takes part in a neighbourhood. Returns what the card's `onnx.heads` gains."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    bg = labels.index(BACKGROUND)
+    graph.initializer.extend([
+        _const("peak_hw_start", np.array([2], np.int64)),
+        _const("peak_hw_end", np.array([4], np.int64)),
+        _const("peak_window", np.int64(dense["window"])),
+        _const("peak_stride", np.int64(dense["stride"])),
+        _const("peak_one_i", np.int64(1)),
+        _const("peak_zeros", np.zeros(2, np.int64)),
+        _const("peak_axes", np.array([2, 3], np.int64)),
+        _const("peak_bg", np.array([bg], np.int64)),
+        _const("peak_classes", np.array([1], np.int64)),
+        _const("peak_one", np.float32(1)),
+        _const("peak_nyx", np.array([0, 2, 3], np.int64)),
+        _const(THRESHOLD, np.float32(threshold)),
+    ])
+    node = helper.make_node
+    head = [  # cells per axis: (size − window) // stride + 1, from the joined input's shape
+        node("Shape", ["head_x"], ["peak_shape"]),
+        node("Slice", ["peak_shape", "peak_hw_start", "peak_hw_end"], ["peak_size"]),
+        node("Sub", ["peak_size", "peak_window"], ["peak_span"]),
+        node("Div", ["peak_span", "peak_stride"], ["peak_steps"]),  # integer division: floor (span ≥ 0)
+        node("Add", ["peak_steps", "peak_one_i"], ["peak_hw"]),
+        node("Slice", [OUTPUT, "peak_zeros", "peak_hw", "peak_axes"], ["peak_map"]),
+        # p(background) as numpy's softmax computes it, spelled out: ONNX Softmax over axis 1 of NCHW
+        # transposes twice and computes every class's p (measured: +9 % on a 2048² page, vs +2 %)
+        _reduce("ReduceMax", "peak_map", "peak_max", opset),
+        node("Sub", ["peak_map", "peak_max"], ["peak_shifted"]),
+        node("Exp", ["peak_shifted"], ["peak_exp"]),
+        _reduce("ReduceSum", "peak_exp", "peak_sum", opset),
+        node("Gather", ["peak_exp", "peak_bg"], ["peak_bg_exp"], axis=1),
+        node("Div", ["peak_bg_exp", "peak_sum"], ["peak_background"]),
+        node("Sub", ["peak_one", "peak_background"], ["peak_objectness"]),
+        # padding never wins a max, as local_peaks' −inf padding
+        node("MaxPool", ["peak_objectness"], ["peak_pooled"], kernel_shape=[3, 3], strides=[1, 1],
+             pads=[1, 1, 1, 1]),
+        node("GreaterOrEqual", ["peak_objectness", "peak_pooled"], ["peak_is_max"]),
+        node("GreaterOrEqual", ["peak_objectness", THRESHOLD], ["peak_strong"]),
+        node("And", ["peak_is_max", "peak_strong"], ["peak_mask"]),
+        node("NonZero", ["peak_mask"], ["peak_where"]),  # (4, M): n, 0, y, x
+        node("Transpose", ["peak_where"], ["peak_rows"], perm=[1, 0]),
+        node("Gather", ["peak_rows", "peak_nyx"], [PEAK_CELLS], axis=1),
+        node("Transpose", ["peak_map"], ["peak_last"], perm=[0, 2, 3, 1]),
+        node("GatherND", ["peak_last", PEAK_CELLS], [PEAK_SCORES]),
+    ]
+    graph.node.extend(head)
+    graph.input.append(helper.make_tensor_value_info(THRESHOLD, TensorProto.FLOAT, []))
+    graph.output.extend([
+        helper.make_tensor_value_info(PEAK_CELLS, TensorProto.INT64, ["peaks", 3]),
+        helper.make_tensor_value_info(PEAK_SCORES, TensorProto.FLOAT, ["peaks", len(labels)]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return {"cells": PEAK_CELLS, "scores": PEAK_SCORES, "threshold": THRESHOLD,
+            "of": "objectness 3x3 peaks"}
+
+
+def _reduce(op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
+    """`op` over the class axis, kept: axes an input from opset 18 (ReduceSum: 13), an attribute before."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        return helper.make_node(op, [x, "peak_classes"], [out], keepdims=1)
+    return helper.make_node(op, [x], [out], axes=[1], keepdims=1)
+
+
+TIE = 1e-6  # objectness this close to a neighbour's or the threshold: float rounding decides
+
+
+def _near_tie(objectness: np.ndarray, y: int, x: int, threshold: float) -> bool:
+    """Whether the peak test of cell (y, x) is decided by float rounding: the graph's softmax and
+    numpy's differ in the last bits, so a cell within TIE of its strongest neighbour (or of the
+    threshold) may be a peak in one and not in the other (seen on background, where objectness is
+    ~1e-7 everywhere)."""
+    around = objectness[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].copy()
+    around[min(y, 1), min(x, 1)] = -np.inf  # the cell itself
+    o = objectness[y, x]
+    return bool(abs(o - around.max()) <= TIE or abs(o - threshold) <= TIE)
+
+
+def verify_dense_head(path: Path, labels: list[str], batches: list[np.ndarray]) -> dict:
+    """The peak head against the numpy path on the model's own scores for real images (uint8 batches
+    (N, C, H, W): a page, and window-size images whose one cell is its own peak), at a few thresholds:
+    the same cells, except near-ties (_near_tie), and the same scores there (bits). Raises
+    VerificationError; returns how many peaks were checked and how many near-ties went the other way."""
+    from export.onnx_export import VerificationError, session
+    from service.dense import reference_peaks
+
+    sess, bg = session(path), labels.index(BACKGROUND)
+    peaks, ties = 0, 0
+    for threshold in (0.0, 0.5, DEFAULT_THRESHOLD):
+        for batch in batches:
+            feeds = {PIXELS: batch, INPUT: np.empty((0, *batch.shape[1:]), np.float32),
+                     THRESHOLD: np.array(threshold, np.float32)}
+            scores, cells, at_cells = sess.run([OUTPUT, PEAK_CELLS, PEAK_SCORES], feeds)
+            ref_cells, _ = reference_peaks(scores, bg, threshold)  # service/dense.py's
+            got = {tuple(c) for c in cells}
+            objectness = 1.0 - softmax(scores)[:, bg]
+            for n, y, x in got ^ {tuple(c) for c in ref_cells}:
+                if not _near_tie(objectness[n], y, x, threshold):
+                    raise VerificationError(f"the peak head finds other peaks than numpy at threshold "
+                                            f"{threshold}: cell {(n, y, x)}")
+                ties += 1
+            n, y, x = cells.T
+            if not np.array_equal(at_cells, scores[n, :, y, x]):
+                raise VerificationError("the peak head's scores are not the map's at its cells")
+            peaks += len(cells)
+    return {"peaks": peaks, "near_ties": ties, "images": sum(map(len, batches))}

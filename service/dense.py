@@ -1,5 +1,7 @@
 """Dense scoring beyond one plain pass: finer stride (shift-and-stitch), bounded memory (tiles), an
-image pyramid, and detections (peaks + class-wise non-maximum suppression). numpy only.
+image pyramid, and detections (peaks + class-wise non-maximum suppression). numpy only; a detector's
+peaks come either from its score maps here (the reference) or from the graph's peak head, which
+returns only the peak cells (tiled_peaks, pyramid_peaks).
 
 Geometry of a score map here: cell (i, j) scores the window of side `window` whose top-left pixel is
 (offset + i·stride, offset + j·stride), in the pixels of the image that was scored.
@@ -21,6 +23,9 @@ BACKGROUND = "background"  # the label a detector gives to "no object here"
 # (1, C, H, W) uint8 pixels (or float32 normalized) → (1, K, h, w) scores, cropped to in-image cells:
 # Engine.runner(model) or Model.run
 Run = Callable[[np.ndarray], np.ndarray]
+# (1, C, H, W) pixels, threshold → a detector's peak cells (M, 3) as (n, y, x) and their raw class
+# scores (M, K): Engine.runner(model).peaks, the graph's peak head (export/heads.py)
+RunPeaks = Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,23 @@ class Map:
     stride: int  # pixels between cells, in the scored image
     offset: int
     window: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scores.shape[1], self.scores.shape[2]
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """What a detector's peak head returns for a whole image: its objectness peaks at or above the
+    threshold, not the map (export/heads.py add_dense_head); the geometry as Map's."""
+
+    cells: np.ndarray  # (M, 2) y, x of each peak cell
+    scores: np.ndarray  # (M, K) raw class scores there
+    stride: int
+    offset: int
+    window: int
+    shape: tuple[int, int]  # (h, w) of the map the peaks are of
 
 
 def cells(size: int, window: int, stride: int) -> int:
@@ -70,6 +92,41 @@ def tiled(run: Run, x: np.ndarray, card: dict, max_pixels: int) -> Map:
     return Map(out, s, d["offset"], win)
 
 
+def tiled_peaks(run_peaks: RunPeaks, x: np.ndarray, card: dict, max_pixels: int, threshold: float) -> Peaks:
+    """The whole map's objectness peaks, from the peak head run on tiles of at most ~max_pixels.
+
+    As tiled(), and each tile also scores one more cell beyond each interior side: the 3×3
+    neighbourhood of every cell a tile owns is then inside it, so its peak test is the whole map's.
+    Each tile keeps the peaks of its own cells only, in whole-map coordinates."""
+    d = card["dense"]
+    win, s = d["window"], d["stride"]
+    _, height, width = x.shape
+    h, w = cells(height, win, s), cells(width, win, s)
+    if height * width <= max_pixels:
+        found, scores = run_peaks(x[None], threshold)
+        return Peaks(found[:, 1:], scores, s, d["offset"], win, (h, w))
+    reach = max(-d["receptive_field_offset"], d["receptive_field"] + d["receptive_field_offset"] - win, 0)
+    margin = math.ceil(reach / s) * s + s  # the context margin, and the neighbours' cells
+    side = max(win + s, int(math.sqrt(max_pixels)) - 2 * margin)
+    per_tile = (side - win) // s + 1
+    found, rows = [], []
+    for i0 in range(0, h, per_tile):
+        for j0 in range(0, w, per_tile):
+            i1, j1 = min(i0 + per_tile, h), min(j0 + per_tile, w)
+            y0, x0 = max(0, i0 * s - margin), max(0, j0 * s - margin)
+            y1 = min(height, (i1 - 1) * s + win + margin)
+            x1 = min(width, (j1 - 1) * s + win + margin)
+            tile_cells, scores = run_peaks(np.ascontiguousarray(x[None, :, y0:y1, x0:x1]), threshold)
+            ys, xs = tile_cells[:, 1] + y0 // s, tile_cells[:, 2] + x0 // s  # y0, x0: multiples of s
+            own = (ys >= i0) & (ys < i1) & (xs >= j0) & (xs < j1)
+            found.append(np.stack([ys[own], xs[own]], 1))
+            rows.append(scores[own])
+    found_cells, scores = np.concatenate(found), np.concatenate(rows)
+    # row-major, as one pass finds them: candidates in the same order, so NMS breaks ties alike
+    order = np.lexsort((found_cells[:, 1], found_cells[:, 0]))
+    return Peaks(found_cells[order], scores[order], s, d["offset"], win, (h, w))
+
+
 def finer(run: Run, x: np.ndarray, card: dict, factor: int, max_pixels: int) -> Map:
     """Stride s/factor by shift-and-stitch (Long et al. 2015, §3.2; OverFeat's offset pooling is the
     same idea): score the image shifted by every (a, b)·s/factor and interleave the factor² maps.
@@ -106,6 +163,19 @@ def local_peaks(p: np.ndarray) -> np.ndarray:
     return p >= neighbourhood
 
 
+def reference_peaks(scores: np.ndarray, bg: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The peak head's answer in numpy, from scores (N, K, h, w) of a detector: the cells (M, 3)
+    (n, y, x) where objectness 1 − p(background) is ≥ threshold and a 3×3 peak (as candidates()
+    finds them), and the raw scores there (M, K), as export/heads.py's graph returns them."""
+    cells, rows = [], []
+    for n, scores_n in enumerate(scores):
+        objectness = 1.0 - softmax(scores_n)[bg]
+        ys, xs = np.nonzero((objectness >= threshold) & local_peaks(objectness))
+        cells.append(np.stack([np.full_like(ys, n), ys, xs], 1))
+        rows.append(scores_n[:, ys, xs].T)
+    return np.concatenate(cells).astype(np.int64), np.concatenate(rows)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy non-maximum suppression; returns kept indices, best first."""
     order = np.argsort(-scores)
@@ -130,23 +200,35 @@ class Candidates:
     classes: np.ndarray  # (n,) label index
 
 
-def candidates(m: Map, labels: list[str], threshold: float, classes: set[int], scale: float) -> Candidates:
+def candidates(m: Map | Peaks, labels: list[str], threshold: float, classes: set[int],
+               scale: float) -> Candidates:
     """Peaks of objectness (1 − p(background); the best class's p for models without background),
     each labelled with its most probable class, as boxes in original pixels. `scale` σ: the scored
     image was the original resized by 1/σ, so a window there covers window·σ original pixels.
+    From a score map (numpy: the reference) or from the peaks the graph found (Peaks).
 
     Peaks of objectness rather than of each class: around one digit, off-centre cells often prefer
     another digit class, and per-class peaks would report each of those as a detection."""
+    if isinstance(m, Peaks):  # softmax over (K, M), as over (K, h, w) below: the same bits
+        probs = softmax(np.ascontiguousarray(m.scores.T)).T
+        return _boxes(m, m.cells[:, 0], m.cells[:, 1], probs, threshold, classes, scale)
     probs = softmax(m.scores)  # (K, h, w)
     wanted = sorted(classes)
     if BACKGROUND in labels:
         objectness = 1.0 - probs[labels.index(BACKGROUND)]
     else:
         objectness = probs[wanted].max(0)
-    cls_of = np.asarray(wanted)[probs[wanted].argmax(0)]  # (h, w) best wanted class per cell
     ys, xs = np.nonzero((objectness >= threshold) & local_peaks(objectness))
-    cls = cls_of[ys, xs]
-    score = probs[cls, ys, xs]
+    return _boxes(m, ys, xs, probs[:, ys, xs].T, threshold, classes, scale)
+
+
+def _boxes(m: Map | Peaks, ys: np.ndarray, xs: np.ndarray, probs: np.ndarray, threshold: float,
+           classes: set[int], scale: float) -> Candidates:
+    """Peak cells (ys, xs) with their class probabilities (M, K) → candidates: each labelled with its
+    most probable wanted class, kept where that class's p is ≥ threshold."""
+    wanted = np.asarray(sorted(classes))
+    cls = wanted[probs[:, wanted].argmax(1)] if len(ys) else np.zeros(0, int)
+    score = probs[np.arange(len(ys)), cls]
     keep = score >= threshold
     ys, xs, cls, score = ys[keep], xs[keep], cls[keep], score[keep]
     x0 = (m.offset + xs * m.stride) * scale
@@ -205,18 +287,30 @@ def pyramid(run: Run, image: Image.Image, card: dict, scales: list[float], facto
             invert: bool = False) -> dict[float, Map]:
     """Score maps of `image` at each scale σ (the image resized by 1/σ, so objects σ× the training size
     fill the window), skipping scales that leave the image smaller than the window."""
-    maps, spec = {}, InputSpec.from_card(card)
+    return {scale: finer(run, x, card, factor, max_pixels)
+            for scale, x in _scaled(image, card, scales, invert)}
+
+
+def pyramid_peaks(run_peaks: RunPeaks, image: Image.Image, card: dict, scales: list[float],
+                  max_pixels: int, threshold: float, invert: bool = False) -> dict[float, Peaks]:
+    """As pyramid (stride factor 1), the objectness peaks from the graph's peak head instead of maps."""
+    return {scale: tiled_peaks(run_peaks, x, card, max_pixels, threshold)
+            for scale, x in _scaled(image, card, scales, invert)}
+
+
+def _scaled(image: Image.Image, card: dict, scales: list[float], invert: bool):
+    """(σ, the image resized by 1/σ as (C, H, W) uint8) for each scale it is not smaller than the
+    window at."""
+    spec = InputSpec.from_card(card)
     for scale in scales:
         size = (round(image.width / scale), round(image.height / scale))
         if min(size) < card["dense"]["window"]:
             continue
         scaled = image if scale == 1 else image.resize(size, Image.BILINEAR)
-        x = images.full_pixels(scaled, spec, invert)  # (C, H, W) uint8
-        maps[scale] = finer(run, x, card, factor, max_pixels)
-    return maps
+        yield scale, images.full_pixels(scaled, spec, invert)  # (C, H, W) uint8
 
 
-def detections(maps: dict[float, Map], labels: list[str], threshold: float, classes: set[int],
-               iou: float) -> list[dict]:
+def detections(maps: dict[float, Map] | dict[float, Peaks], labels: list[str], threshold: float,
+               classes: set[int], iou: float) -> list[dict]:
     """Detections merged across every scale of a pyramid."""
     return detect([candidates(m, labels, threshold, classes, s) for s, m in maps.items()], labels, iou)

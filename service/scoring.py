@@ -16,10 +16,20 @@ from service import dense, heatmap, options
 from service.errors import ServiceError
 
 
+def uses_peak_head(run, card: dict, opts: options.ScoreOptions) -> bool:
+    """Whether the detections can come from the graph's peak head (export/heads.py): a detector
+    exported with it, a runner that can ask for it (Engine.runner), the model's own stride, and no
+    output that needs the whole map. Otherwise the maps come back and numpy finds the peaks: the
+    same detections (tests/test_dense_heads.py)."""
+    return (opts.outputs == {"detections"} and opts.stride_factor == 1 and hasattr(run, "peaks")
+            and "peaks" in card["onnx"].get("heads", {}))
+
+
 def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: dict,
                opts: options.ScoreOptions, tile_pixels: int) -> dict:
     """One image through the dense model (`run`: pixels → scores, e.g. Engine.runner) → the answer of
-    /score_map as a dict: geometry, scales, labels and the outputs `opts` asks for."""
+    /score_map as a dict: geometry, scales, labels and the outputs `opts` asks for. Detections alone
+    come from the graph's peak head where the model has one (uses_peak_head)."""
     labels, name = card["labels"], card["name"]
     stride, win = card["dense"]["stride"], int(card["dense"]["window"])
     if stride % opts.stride_factor:
@@ -30,7 +40,10 @@ def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: d
         raise ServiceError(422, f"unknown class {', '.join(unknown)}; {name} has "
                                 f"{', '.join(labels)}", "invalid_parameter")
     wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
-    maps = dense.pyramid(run, im, card, opts.scales, opts.stride_factor, tile_pixels, opts.invert)
+    if uses_peak_head(run, card, opts):  # only the peak cells come back from the model
+        maps = dense.pyramid_peaks(run.peaks, im, card, opts.scales, tile_pixels, opts.threshold, opts.invert)
+    else:
+        maps = dense.pyramid(run, im, card, opts.scales, opts.stride_factor, tile_pixels, opts.invert)
     if not maps:
         need = math.ceil(win * min(opts.scales))
         raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "
@@ -45,7 +58,7 @@ def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: d
         "geometry": {"window": win, "stride": m.stride, "offset": m.offset, "scale": scale,
                      "receptive_field": card["dense"]["receptive_field"],
                      "exact": card["dense"]["exact"],
-                     "map_height": int(m.scores.shape[1]), "map_width": int(m.scores.shape[2])},
+                     "map_height": int(m.shape[0]), "map_width": int(m.shape[1])},
         "scales": usable,
         "labels": labels,
     }

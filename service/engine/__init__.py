@@ -3,6 +3,7 @@
     engine = Engine.from_store(settings)
     scores = await engine.submit("lenet5", pixels)    # uint8 (N, C, H, W) → float32 (N, K, h, w)
     scores = engine.run("digit-detector", tile)       # the same, from a thread that is not the loop
+    cells, scores = engine.run_peaks("digit-detector", page, 0.8)  # a detector's objectness peaks
     probs, classes = await engine.submit_topk("lenet5", pixels, k)   # (N, k) each, best first
 
 It owns what makes a model call fast and safe, so that no front repeats it: a queue per model and the
@@ -89,8 +90,19 @@ class Engine:
         parts = [f.result() for f in self.workers[model].submit(x)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def runner(self, model: str) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: self.run(model, x)
+    def run_peaks(self, model: str, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """A detector's objectness peaks in x (N, C, H, W), blocking: (cells (M, 3) as (n, y, x),
+        their raw class scores (M, K)), from the graph's peak head (only those leave the device), else
+        from the scores in numpy (sessions.Model.infer)."""
+        parts = [f.result() for f in self.workers[model].submit(x, want="peaks",
+                                                               params={"threshold": float(threshold)})]
+        step = self.workers[model].queue.max_items  # each part's n counts from its own first row
+        cells = [c + np.array([i * step, 0, 0], c.dtype) for i, (c, _) in enumerate(parts)]
+        return (cells[0], parts[0][1]) if len(parts) == 1 else (np.concatenate(cells),
+                                                                np.concatenate([p for _, p in parts]))
+
+    def runner(self, model: str) -> Runner:
+        return Runner(self, model)
 
     def warm_up(self) -> None:
         for worker in self.workers.values():
@@ -114,3 +126,17 @@ class Engine:
     def close(self) -> None:
         for worker in self.workers.values():
             worker.close()
+
+
+class Runner:
+    """One model's blocking calls for dense pipelines in a thread: called, the scores (Engine.run);
+    .peaks(x, threshold), a detector's peaks (Engine.run_peaks; service/dense.py RunPeaks)."""
+
+    def __init__(self, engine: Engine, model: str) -> None:
+        self.engine, self.model = engine, model
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.run(self.model, x)
+
+    def peaks(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        return self.engine.run_peaks(self.model, x, threshold)

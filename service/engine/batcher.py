@@ -3,8 +3,8 @@
 Policy: a batch closes as soon as the model is free (plus `wait_s`, default 0). At low load a request
 runs alone with no added latency; under load requests queue while the model is busy and the next batch
 takes all of them, up to `max_items` images: batch size adapts to load. A batch holds requests of one
-item shape only (a dense tile never joins a batch of digits); requests of other shapes keep their
-place in the queue.
+item shape (and params) only (a dense tile never joins a batch of digits); requests of other shapes
+keep their place in the queue.
 
 Shedding: a request that would wait longer than `max_queue_s` is refused at once with `Overloaded`
 (the wait estimated from the images queued and the recent cost per image), and one that has waited
@@ -42,7 +42,8 @@ class Request(NamedTuple):
     future: Future  # receives the scores (n, K, h, w), or the model's exception
     enqueued: float  # time.perf_counter() at submit
     shed: bool  # may be failed with Overloaded once it has waited max_queue_s
-    want: str = "scores"  # which output it receives: "scores", or "topk" (sessions.Model.infer)
+    want: str = "scores"  # which output it receives: "scores", "topk" or "peaks" (sessions.Model.infer)
+    params: dict | None = None  # what the call needs beside x (peaks: the threshold); one per batch
 
 
 class BatchQueue:
@@ -54,10 +55,11 @@ class BatchQueue:
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, x: np.ndarray, shed: bool = False, want: str = "scores") -> Future:
+    def put(self, x: np.ndarray, shed: bool = False, want: str = "scores",
+            params: dict | None = None) -> Future:
         if len(x) > self.max_items:
             raise ValueError(f"{len(x)} items in one request; split it into at most {self.max_items}")
-        request = Request(x, Future(), time.perf_counter(), shed, want)
+        request = Request(x, Future(), time.perf_counter(), shed, want, params)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
@@ -107,7 +109,7 @@ class BatchQueue:
     def _assemble(self) -> list[Request]:
         """Called with the lock held: the batch, in arrival order; everything else stays queued.
         Requests that waited past the queue bound are failed here, not run."""
-        key = self._queue[0].x.shape[1:], self._queue[0].x.dtype
+        key = _key(self._queue[0])
         batch, kept, items = [], deque(), 0
         expired = time.perf_counter() - self.max_queue_s
         while self._queue:
@@ -117,7 +119,7 @@ class BatchQueue:
                 if request.future.set_running_or_notify_cancel():
                     request.future.set_exception(Overloaded(
                         f"waited over the {self.max_queue_s:g} s queue bound", self.max_queue_s))
-            elif (request.x.shape[1:], request.x.dtype) != key:
+            elif _key(request) != key:
                 kept.append(request)
             elif items + len(request.x) > self.max_items:  # full: this one goes first next time
                 kept.append(request)
@@ -130,3 +132,8 @@ class BatchQueue:
                     items += len(request.x)
         self._queue = kept
         return batch
+
+
+def _key(request: Request) -> tuple:
+    """What the requests of one batch share: item shape, dtype, and the call's params."""
+    return request.x.shape[1:], request.x.dtype, tuple(sorted((request.params or {}).items()))

@@ -116,21 +116,34 @@ class Model:
         the cells inside the image."""
         return self.infer(x, {"scores"})["scores"]
 
-    def infer(self, x: np.ndarray, wants: set[str]) -> dict:
+    @property
+    def peaks_head(self) -> dict | None:
+        """The card's dense peak head (export/heads.py add_dense_head), None for models without."""
+        return self.card["onnx"].get("heads", {}).get("peaks")
+
+    def infer(self, x: np.ndarray, wants: set[str], params: dict | None = None) -> dict:
         """The one onnxruntime call. `wants`: "scores" (as run) and/or "topk": (probabilities (N, k),
         class indices (N, k)) of the first cell, best first, from the graph's head when it has one
-        (k = topk_k; only those leave the device), else from the scores in numpy (k = K). Pixels are
-        fed as uint8 to graphs that normalize them, else normalized here as the card says."""
+        (k = topk_k; only those leave the device), else from the scores in numpy (k = K); and/or
+        "peaks" (params["threshold"]): a detector's objectness peaks, (cells (M, 3) as (n, y, x),
+        their raw scores (M, K)), from the graph's peak head, else from the scores in numpy
+        (service/dense.py's path). Pixels are fed as uint8 to graphs that normalize them, else
+        normalized here as the card says."""
         onnx = self.card["onnx"]
         if self.takes_pixels and x.dtype == np.uint8:  # the float `input` is required: an empty one
             feeds = {onnx["pixels"]: x, onnx["input"]: np.empty((0, *x.shape[1:]), np.float32)}
         else:  # `pixels`, where the graph has it, is optional and empty unless fed
             feeds = {onnx["input"]: self.input.normalize(x) if x.dtype == np.uint8 else x}
         head = onnx.get("heads", {}).get("classify") if "topk" in wants else None
-        names = [onnx["output"]] if "scores" in wants or ("topk" in wants and not head) else []
+        peaks = self.peaks_head if "peaks" in wants else None
+        names = [onnx["output"]] if "scores" in wants or ("topk" in wants and not head) or \
+            ("peaks" in wants and not peaks) else []
         if head:
             names += [head["values"], head["indices"]]
-        if self.binder and x.shape[1:] == self.window_shape:
+        if peaks:
+            names += [peaks["cells"], peaks["scores"]]
+            feeds[peaks["threshold"]] = np.array((params or {})["threshold"], np.float32)
+        if self.binder and x.shape[1:] == self.window_shape and not peaks:  # peaks: shapes unknown
             n, labels = len(x), len(self.card["labels"])
             shapes = {onnx["output"]: (n, labels, 1, 1)}
             if head:
@@ -148,6 +161,9 @@ class Model:
         if "topk" in wants:
             out["topk"] = (got[head["values"]], got[head["indices"]]) if head else \
                 topk(got[onnx["output"]][:, :, 0, 0], len(self.card["labels"]))
+        if "peaks" in wants:
+            out["peaks"] = (got[peaks["cells"]], got[peaks["scores"]]) if peaks else \
+                dense_peaks(out["scores"], self.card["labels"], (params or {})["threshold"])
         if "scores" not in wants:
             out.pop("scores", None)
         return out
@@ -171,6 +187,14 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     probs = softmax(scores)
     indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(probs, indices, 1), indices
+
+
+def dense_peaks(scores: np.ndarray, labels: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The peak head's answer computed from the scores (N, K, h, w) in numpy, for a detector without
+    the head (a version exported before it): service/dense.py's reference path."""
+    from service.dense import BACKGROUND, reference_peaks
+
+    return reference_peaks(scores, labels.index(BACKGROUND), threshold)
 
 
 def create_session(model: str | bytes, settings: Settings,

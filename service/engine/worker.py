@@ -40,15 +40,16 @@ class ModelWorker:
         self.thread = threading.Thread(target=self._loop, name=f"infer-{model.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, x: np.ndarray, shed: bool = False, want: str = "scores") -> list[Future]:
-        """(n, C, H, W) → futures of the scores (or of what `want` names: sessions.Model.infer) of
-        consecutive slices of at most max_batch_size rows. With `shed`, raises batcher.Overloaded
-        instead of queueing past the queue bound."""
+    def submit(self, x: np.ndarray, shed: bool = False, want: str = "scores",
+               params: dict | None = None) -> list[Future]:
+        """(n, C, H, W) → futures of the scores (or of what `want` names, with `params`:
+        sessions.Model.infer) of consecutive slices of at most max_batch_size rows. With `shed`,
+        raises batcher.Overloaded instead of queueing past the queue bound."""
         step = self.queue.max_items
         futures: list[Future] = []
         try:
             for i in range(0, len(x), step):
-                futures.append(self.queue.put(x[i : i + step], shed, want))
+                futures.append(self.queue.put(x[i : i + step], shed, want, params))
         except Exception:
             for future in futures:  # all or nothing: the slices already queued are withdrawn
                 future.cancel()
@@ -84,18 +85,15 @@ class ModelWorker:
         wants = {request.want for request in batch}
         started = time.perf_counter()
         if wants == {"scores"}:
-            outputs = {"scores": model.run(x)[:n]}  # (n, K, h, w)
+            outputs = {"scores": model.run(x)}  # (size, K, h, w)
         else:  # only these leave the device
-            outputs = {want: tuple(a[:n] for a in out) if isinstance(out, tuple) else out[:n]
-                       for want, out in model.infer(x, wants).items()}
+            outputs = model.infer(x, wants, batch[0].params)
         finished = time.perf_counter()
         if window:
             self.queue.observe(n, finished - started)
         row = 0
         for request in batch:
-            rows = slice(row, row + len(request.x))
-            out = outputs[request.want]
-            request.future.set_result(tuple(a[rows] for a in out) if isinstance(out, tuple) else out[rows])
+            request.future.set_result(_rows(outputs[request.want], request.want, row, len(request.x)))
             row += len(request.x)
         try:
             self.observe(Batch(model.name, "window" if window else "dense", n, size,
@@ -130,3 +128,13 @@ class ModelWorker:
             raise ValueError(f"{model.tag} has other labels than {old.tag}; serve it under a new name")
         self.model = model
         return old
+
+
+def _rows(out, want: str, start: int, count: int):
+    """A request's share of a batch's output: its rows (padding rows belong to nobody)."""
+    if want == "peaks":  # cells (M, 3) of the whole batch, image index first: this request's, renumbered
+        cells, scores = out
+        mine = (cells[:, 0] >= start) & (cells[:, 0] < start + count)
+        return cells[mine] - np.array([start, 0, 0], cells.dtype), scores[mine]
+    rows = slice(start, start + count)
+    return tuple(a[rows] for a in out) if isinstance(out, tuple) else out[rows]
