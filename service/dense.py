@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from service import images
-from service.card import InputSpec
+from service.card import InputSpec, context_margin
 
 BACKGROUND = "background"  # the label a detector gives to "no object here"
 # (1, C, H, W) uint8 pixels (or float32 normalized) → (1, K, h, w) scores, cropped to in-image cells:
@@ -62,37 +62,76 @@ def one_pass(run: Run, x: np.ndarray, card: dict) -> Map:
     return Map(run(x[None])[0], d["stride"], d["offset"], d["window"])
 
 
-def tiled(run: Run, x: np.ndarray, card: dict, max_pixels: int) -> Map:
-    """The one-pass map computed in tiles of at most ~max_pixels input pixels each.
+def in_one_pass(height: int, width: int, max_pixels: int, fixed_side: int) -> bool:
+    """Whether an image is scored whole rather than in tiles."""
+    if fixed_side:
+        return height <= fixed_side and width <= fixed_side
+    return height * width <= max_pixels
 
-    Tiles start on multiples of the stride (so their cell grids line up with the whole image's) and
-    overlap by window − stride, plus a context margin where the net has padding: a cell then sees the
-    same pixels as in one pass, and the stitched map equals it (exactly, up to float rounding).
-    """
+
+@dataclass(frozen=True)
+class Tile:
+    cells: tuple[slice, slice]  # the whole map's cells (rows, columns) the tile owns
+    pixels: tuple[slice, slice]  # the pixels it scores, starting on multiples of the stride
+
+
+def tiles(height: int, width: int, card: dict, max_pixels: int, margin: int,
+          fixed_side: int = 0) -> list[Tile]:
+    """A tiling of a height × width image for a map of `card`'s geometry. Tiles start on multiples of
+    the stride (so their cell grids line up with the whole image's) and overlap by window − stride plus
+    `margin` pixels of context each side, so every cell a tile owns sees what it sees in one pass.
+
+    fixed_side > 0 (card.fixed_tile_side): every tile is that many pixels a side (or the image's side where
+    the image is smaller), the last tile of a row or column moved back to end at the image's edge
+    rather than cut short: one input shape for all but small images, so a GPU session chooses its
+    convolution algorithms once (warmed at start) instead of per new image size (~30 ms each, measured
+    on an H100: field notes). It scores more pixels (up to ~2× on a page just over one tile); used on
+    CUDA only (Settings.fixed_tiles)."""
+    d = card["dense"]
+    win, s = d["window"], d["stride"]
+    if fixed_side:
+        extent = fixed_side
+    else:
+        extent = max(win + s, int(math.sqrt(max_pixels)) - 2 * margin) + 2 * margin
+    per_tile = (extent - 2 * margin - win) // s + 1  # cells a tile owns per side
+
+    def spans(size: int) -> list[tuple[slice, slice]]:
+        n = cells(size, win, s)
+        if fixed_side and size <= extent:  # one tile's side or less: the axis whole
+            return [(slice(0, n), slice(0, size))]
+        out = []
+        for c0 in range(0, n, per_tile):
+            c1 = min(c0 + per_tile, n)
+            p0, p1 = max(0, c0 * s - margin), min(size, (c1 - 1) * s + win + margin)
+            if fixed_side:  # the full side, never past the image's end
+                p0 = min(p0, (size - extent) // s * s)
+                p1 = p0 + extent
+            out.append((slice(c0, c1), slice(p0, p1)))
+        return out
+
+    return [Tile((ci, cj), (pi, pj)) for ci, pi in spans(height) for cj, pj in spans(width)]
+
+
+def tiled(run: Run, x: np.ndarray, card: dict, max_pixels: int, fixed_side: int = 0) -> Map:
+    """The one-pass map computed in tiles of at most ~max_pixels input pixels each (tiles()); the
+    stitched map equals it (exactly, up to float rounding)."""
     d = card["dense"]
     win, s = d["window"], d["stride"]
     _, height, width = x.shape
-    if height * width <= max_pixels:
+    if in_one_pass(height, width, max_pixels, fixed_side):
         return one_pass(run, x, card)
-    reach = max(-d["receptive_field_offset"], d["receptive_field"] + d["receptive_field_offset"] - win, 0)
-    margin = math.ceil(reach / s) * s  # 0 for padding-free nets
-    side = max(win + s, int(math.sqrt(max_pixels)) - 2 * margin)
-    per_tile = (side - win) // s + 1  # cells per tile side
     h, w = cells(height, win, s), cells(width, win, s)
     out = np.empty((len(card["labels"]), h, w), np.float32)
-    for i0 in range(0, h, per_tile):
-        for j0 in range(0, w, per_tile):
-            i1, j1 = min(i0 + per_tile, h), min(j0 + per_tile, w)
-            y0, x0 = max(0, i0 * s - margin), max(0, j0 * s - margin)
-            y1 = min(height, (i1 - 1) * s + win + margin)
-            x1 = min(width, (j1 - 1) * s + win + margin)
-            tile = run(np.ascontiguousarray(x[None, :, y0:y1, x0:x1]))[0]
-            a, b = (i0 * s - y0) // s, (j0 * s - x0) // s  # the margin's cells, dropped
-            out[:, i0:i1, j0:j1] = tile[:, a : a + i1 - i0, b : b + j1 - j0]
+    for tile in tiles(height, width, card, max_pixels, context_margin(card), fixed_side):
+        (ci, cj), (pi, pj) = tile.cells, tile.pixels
+        scores = run(np.ascontiguousarray(x[None, :, pi, pj]))[0]
+        a, b = ci.start - pi.start // s, cj.start - pj.start // s  # the context's cells, dropped
+        out[:, ci, cj] = scores[:, a : a + ci.stop - ci.start, b : b + cj.stop - cj.start]
     return Map(out, s, d["offset"], win)
 
 
-def tiled_peaks(run_peaks: RunPeaks, x: np.ndarray, card: dict, max_pixels: int, threshold: float) -> Peaks:
+def tiled_peaks(run_peaks: RunPeaks, x: np.ndarray, card: dict, max_pixels: int, threshold: float,
+                fixed_side: int = 0) -> Peaks:
     """The whole map's objectness peaks, from the peak head run on tiles of at most ~max_pixels.
 
     As tiled(), and each tile also scores one more cell beyond each interior side: the 3×3
@@ -102,39 +141,32 @@ def tiled_peaks(run_peaks: RunPeaks, x: np.ndarray, card: dict, max_pixels: int,
     win, s = d["window"], d["stride"]
     _, height, width = x.shape
     h, w = cells(height, win, s), cells(width, win, s)
-    if height * width <= max_pixels:
+    if in_one_pass(height, width, max_pixels, fixed_side):
         found, scores = run_peaks(x[None], threshold)
         return Peaks(found[:, 1:], scores, s, d["offset"], win, (h, w))
-    reach = max(-d["receptive_field_offset"], d["receptive_field"] + d["receptive_field_offset"] - win, 0)
-    margin = math.ceil(reach / s) * s + s  # the context margin, and the neighbours' cells
-    side = max(win + s, int(math.sqrt(max_pixels)) - 2 * margin)
-    per_tile = (side - win) // s + 1
     found, rows = [], []
-    for i0 in range(0, h, per_tile):
-        for j0 in range(0, w, per_tile):
-            i1, j1 = min(i0 + per_tile, h), min(j0 + per_tile, w)
-            y0, x0 = max(0, i0 * s - margin), max(0, j0 * s - margin)
-            y1 = min(height, (i1 - 1) * s + win + margin)
-            x1 = min(width, (j1 - 1) * s + win + margin)
-            tile_cells, scores = run_peaks(np.ascontiguousarray(x[None, :, y0:y1, x0:x1]), threshold)
-            ys, xs = tile_cells[:, 1] + y0 // s, tile_cells[:, 2] + x0 // s  # y0, x0: multiples of s
-            own = (ys >= i0) & (ys < i1) & (xs >= j0) & (xs < j1)
-            found.append(np.stack([ys[own], xs[own]], 1))
-            rows.append(scores[own])
+    # the context margin, and the neighbours' cells
+    for tile in tiles(height, width, card, max_pixels, context_margin(card) + s, fixed_side):
+        (ci, cj), (pi, pj) = tile.cells, tile.pixels
+        tile_cells, scores = run_peaks(np.ascontiguousarray(x[None, :, pi, pj]), threshold)
+        ys, xs = tile_cells[:, 1] + pi.start // s, tile_cells[:, 2] + pj.start // s
+        own = (ys >= ci.start) & (ys < ci.stop) & (xs >= cj.start) & (xs < cj.stop)
+        found.append(np.stack([ys[own], xs[own]], 1))
+        rows.append(scores[own])
     found_cells, scores = np.concatenate(found), np.concatenate(rows)
     # row-major, as one pass finds them: candidates in the same order, so NMS breaks ties alike
     order = np.lexsort((found_cells[:, 1], found_cells[:, 0]))
     return Peaks(found_cells[order], scores[order], s, d["offset"], win, (h, w))
 
 
-def finer(run: Run, x: np.ndarray, card: dict, factor: int, max_pixels: int) -> Map:
+def finer(run: Run, x: np.ndarray, card: dict, factor: int, max_pixels: int, fixed_side: int = 0) -> Map:
     """Stride s/factor by shift-and-stitch (Long et al. 2015, §3.2; OverFeat's offset pooling is the
     same idea): score the image shifted by every (a, b)·s/factor and interleave the factor² maps.
     Costs factor² passes over (almost) the whole image."""
     d = card["dense"]
     s, win = d["stride"], d["window"]
     if factor == 1:
-        return tiled(run, x, card, max_pixels)
+        return tiled(run, x, card, max_pixels, fixed_side)
     if s % factor:
         raise ValueError(f"stride_factor {factor} must divide the model's stride {s}")
     step = s // factor
@@ -145,7 +177,7 @@ def finer(run: Run, x: np.ndarray, card: dict, factor: int, max_pixels: int) -> 
         for b in range(factor):
             if a >= h or b >= w:
                 continue
-            part = tiled(run, x[:, a * step :, b * step :], card, max_pixels).scores
+            part = tiled(run, x[:, a * step :, b * step :], card, max_pixels, fixed_side).scores
             out[:, a::factor, b::factor] = part[:, : len(range(a, h, factor)), : len(range(b, w, factor))]
     return Map(out, step, d["offset"], win)
 
@@ -284,17 +316,18 @@ def object_classes(labels: list[str]) -> set[int]:
 
 
 def pyramid(run: Run, image: Image.Image, card: dict, scales: list[float], factor: int, max_pixels: int,
-            invert: bool = False) -> dict[float, Map]:
+            invert: bool = False, fixed_side: int = 0) -> dict[float, Map]:
     """Score maps of `image` at each scale σ (the image resized by 1/σ, so objects σ× the training size
     fill the window), skipping scales that leave the image smaller than the window."""
-    return {scale: finer(run, x, card, factor, max_pixels)
+    return {scale: finer(run, x, card, factor, max_pixels, fixed_side)
             for scale, x in _scaled(image, card, scales, invert)}
 
 
 def pyramid_peaks(run_peaks: RunPeaks, image: Image.Image, card: dict, scales: list[float],
-                  max_pixels: int, threshold: float, invert: bool = False) -> dict[float, Peaks]:
+                  max_pixels: int, threshold: float, invert: bool = False,
+                  fixed_side: int = 0) -> dict[float, Peaks]:
     """As pyramid (stride factor 1), the objectness peaks from the graph's peak head instead of maps."""
-    return {scale: tiled_peaks(run_peaks, x, card, max_pixels, threshold)
+    return {scale: tiled_peaks(run_peaks, x, card, max_pixels, threshold, fixed_side)
             for scale, x in _scaled(image, card, scales, invert)}
 
 

@@ -233,19 +233,19 @@ async def from_images(service, model: Model, tensor: tensors.Tensor, invert: boo
         raise ServiceError(413, f"{len(files)} images in one request, over the limit of "
                                 f"{settings.max_images}; split the request")
     maps = await service.run_dense(page_maps, service.engine.runner(model.name), model, files, invert,
-                                   settings)
+                                   settings, service.engine.tile_side(model.name))
     return stack(maps)
 
 
 def page_maps(run: dense.Run, model: Model, files: list[tuple[str, bytes]], invert: bool,
-              settings) -> list[np.ndarray]:
+              settings, tile_side: int) -> list[np.ndarray]:
     """Each encoded image scored whole (in tiles when large): [(K, h, w)]; runs in a worker thread."""
     maps = []
     for name, data in files:
         im = images.decode(data, settings.max_image_pixels, name)
         x = images.full_pixels(im, model.input, invert)  # (C, H, W)
         check_size(model, x.shape[1:], name)
-        maps.append(dense.tiled(run, x, model.card, settings.tile_pixels).scores)
+        maps.append(dense.tiled(run, x, model.card, settings.tile_pixels, tile_side).scores)
     return maps
 
 
@@ -278,9 +278,9 @@ async def from_pixels(service, model: Model, x: np.ndarray, settings) -> np.ndar
             raise ServiceError(413, f"{len(x)} images in one request, over the limit of "
                                     f"{settings.max_images}; split the request")
         return await submit(service, model, x)
-    run = service.engine.runner(model.name)
-    maps = await service.run_dense(lambda: [dense.tiled(run, xi, model.card, settings.tile_pixels).scores
-                                            for xi in x])
+    run, side = service.engine.runner(model.name), service.engine.tile_side(model.name)
+    maps = await service.run_dense(
+        lambda: [dense.tiled(run, xi, model.card, settings.tile_pixels, side).scores for xi in x])
     return stack(maps)
 
 

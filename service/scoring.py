@@ -26,10 +26,11 @@ def uses_peak_head(run, card: dict, opts: options.ScoreOptions) -> bool:
 
 
 def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: dict,
-               opts: options.ScoreOptions, tile_pixels: int) -> dict:
+               opts: options.ScoreOptions, tile_pixels: int, tile_side: int = 0) -> dict:
     """One image through the dense model (`run`: pixels → scores, e.g. Engine.runner) → the answer of
     /score_map as a dict: geometry, scales, labels and the outputs `opts` asks for. Detections alone
-    come from the graph's peak head where the model has one (uses_peak_head)."""
+    come from the graph's peak head where the model has one (uses_peak_head). Large images go in tiles
+    of ~tile_pixels, all tile_side a side where that is set (Engine.tile_side): the same answer."""
     labels, name = card["labels"], card["name"]
     stride, win = card["dense"]["stride"], int(card["dense"]["window"])
     if stride % opts.stride_factor:
@@ -41,9 +42,11 @@ def score_page(run: Callable[[np.ndarray], np.ndarray], im: Image.Image, card: d
                                 f"{', '.join(labels)}", "invalid_parameter")
     wanted = {labels.index(c) for c in opts.classes} or dense.object_classes(labels)
     if uses_peak_head(run, card, opts):  # only the peak cells come back from the model
-        maps = dense.pyramid_peaks(run.peaks, im, card, opts.scales, tile_pixels, opts.threshold, opts.invert)
+        maps = dense.pyramid_peaks(run.peaks, im, card, opts.scales, tile_pixels, opts.threshold, opts.invert,
+                                   tile_side)
     else:
-        maps = dense.pyramid(run, im, card, opts.scales, opts.stride_factor, tile_pixels, opts.invert)
+        maps = dense.pyramid(run, im, card, opts.scales, opts.stride_factor, tile_pixels, opts.invert,
+                             tile_side)
     if not maps:
         need = math.ceil(win * min(opts.scales))
         raise ServiceError(422, f"image is {im.size[0]}×{im.size[1]}; at scale {min(opts.scales)} "

@@ -57,7 +57,8 @@ traffic = Traffic()  # this worker's requests in flight: the gate admits by it, 
 
 async def list_models(request: Request) -> JSONResponse:
     service = bentoml.get_current_service()
-    return JSONResponse({"models": [m.describe() for m in service.models.values()],
+    return JSONResponse({"models": [{**m.describe(), "tile_side": service.engine.tile_side(name)}
+                                    for name, m in service.models.items()],
                          "defaults": {"classify": service.default_classify,
                                       "score_map": service.default_dense},
                          "ready": service.ready})
@@ -303,7 +304,7 @@ class ConvServe:
 
     def _score(self, served: Model, im, opts: options.ScoreOptions) -> dict:
         return scoring.score_page(self.engine.runner(served.name), im, served.card, opts,
-                                  settings.tile_pixels)
+                                  settings.tile_pixels, self.engine.tile_side(served.name))
 
 
 # Middlewares added first are outermost: the gate sees every request first; V2Route answers /v2 (the

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     tile_pixels: int = Field(4 * 2**20, ge=2**16,
                              description="/score_map scores larger images in tiles of about this many "
                                          "pixels (bounded memory; the map is the same)")
+    fixed_tiles: str = Field("auto", pattern="^(auto|on|off)$",
+                             description="dense tiles of one shape, warmed at start (the last tile of a "
+                                         "row moved back rather than cut short): auto = on CUDA only, "
+                                         "which sets up each new input shape (~30 ms); on a CPU the "
+                                         "extra overlap only costs")
     min_classify_side: int = Field(8, ge=1, description="smallest image side /classify accepts")
     warmup_rounds: int = Field(3, ge=1, description="warm-up passes per model and shape before ready")
     timeout_s: int = Field(60, ge=1, description="per-request timeout (504 above)")

@@ -11,6 +11,7 @@ from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import export_onnx, session
 from models.registry import build
+from service import card as card_geometry
 from service import dense
 
 
@@ -79,6 +80,55 @@ def test_finer_stride_with_tiles_equals_without(net):
     a = dense.finer(run, x, card, 2, max_pixels=10**9).scores
     b = dense.finer(run, x, card, 2, max_pixels=50 * 50).scores
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+@pytest.mark.parametrize("shape", [(1, 200, 173), (1, 97, 300), (1, 61, 75), (1, 120, 60)])
+def test_fixed_tiles_are_one_shape_and_equal_one_pass(net, shape):
+    """Tiles of one shape (the last of each row and column moved back from the image's edge), as CUDA
+    gets them: the same map as one pass, and every tile the same shape unless the image is smaller
+    than a tile on that side. Nets with padding keep tiles cut to the image (side 0)."""
+    run, card = net
+    if not card["dense"]["exact"]:
+        assert card_geometry.fixed_tile_side(card, 64 * 64) == 0
+        return
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    whole = dense.one_pass(run, x, card).scores
+    for budget in (40 * 40, 64 * 64, 100 * 90):
+        side = card_geometry.fixed_tile_side(card, budget)
+        assert (side - 28) % 4 == 0 and side <= budget ** 0.5 + 32
+        seen: list[tuple[int, int]] = []
+
+        def recording(tile: np.ndarray, seen=seen) -> np.ndarray:
+            seen.append(tile.shape[2:])
+            return run(tile)
+
+        stitched = dense.tiled(recording, x, card, budget, fixed_side=side).scores
+        assert stitched.shape == whole.shape
+        assert np.abs(stitched - whole).max() <= 1e-5 * max(1.0, np.abs(whole).max())
+        assert set(seen) == {(min(shape[1], side), min(shape[2], side))}
+        if shape[1] > side and shape[2] > side:
+            assert len(seen) > 1
+        finer = dense.finer(recording, x, card, 2, budget, fixed_side=side).scores
+        assert np.abs(finer - dense.finer(run, x, card, 2, 10**9).scores).max() <= 1e-5 * max(
+            1.0, np.abs(whole).max())
+
+
+def test_a_4096_page_is_four_fixed_tiles():
+    """The default 4 Mi tiles on the detector's geometry: a 4096² page is 2 × 2 tiles of one shape
+    (tiles cut to the page take 3 × 3, the last ones thin), for the maps and for the peak head's
+    wider overlap; every cell owned once."""
+    card = {"dense": {"window": 28, "stride": 4, "offset": 0, "receptive_field": 28,
+                      "receptive_field_offset": 0}}
+    side = card_geometry.fixed_tile_side(card, 4 * 2**20)
+    for margin in (0, 4):  # tiled(), tiled_peaks()
+        fixed = dense.tiles(4096, 4096, card, 4 * 2**20, margin, side)
+        assert len(fixed) == 4 and len(dense.tiles(4096, 4096, card, 4 * 2**20, margin)) == 9
+        assert {(t.pixels[0].stop - t.pixels[0].start, t.pixels[1].stop - t.pixels[1].start)
+                for t in fixed} == {(side, side)}
+        owned = np.zeros((1018, 1018), int)
+        for t in fixed:
+            owned[t.cells] += 1
+        assert (owned == 1).all()
 
 
 def test_nms_against_brute_force():

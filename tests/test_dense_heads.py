@@ -5,6 +5,7 @@ digits (one pass, tiles, several scales), a model without the head taking the nu
 
 from __future__ import annotations
 
+import base64
 import io
 
 import httpx
@@ -13,8 +14,10 @@ import pytest
 from PIL import Image
 
 from export.card import read_embedded
+from loadtest.servers import Server
 from models.pages import synth_page
 from service import dense, options, scoring
+from service.card import fixed_tile_side
 from service.engine import Engine
 from service.engine.sessions import Model, open_model
 from service.settings import Settings
@@ -48,8 +51,8 @@ def pages_(mnist):
             for i, (h, w, n, s) in enumerate(shapes)]
 
 
-def answers(run, page, card, tile_pixels, **opts):
-    return scoring.score_page(run, Image.fromarray(page), card, options.parse(**opts), tile_pixels)
+def answers(run, page, card, tile_pixels, tile_side=0, **opts):
+    return scoring.score_page(run, Image.fromarray(page), card, options.parse(**opts), tile_pixels, tile_side)
 
 
 def same_detections(got: list[dict], want: list[dict]) -> None:
@@ -98,6 +101,45 @@ def test_detections_equal_the_numpy_path(engine, pages_, scales, tile_pixels):
         assert head["geometry"] == numpy_path["geometry"] and head["scales"] == numpy_path["scales"]
         same_detections(head["detections"], numpy_path["detections"])
     assert head["detections"]  # the large page has digits found
+
+
+def test_fixed_tiles_give_the_same_peaks_and_detections(engine, pages_):
+    """Tiles of one shape, as CUDA gets them (Engine.tile_side): the same peaks as one pass and the
+    same detections as tiles cut to the image, through the peak head and through the maps."""
+    card, run = engine.models["digit-detector"].card, engine.runner("digit-detector")
+    side = fixed_tile_side(card, 2**16)
+    x = pages_[2][None]  # 640 × 576: 3 × 3 tiles of side² pixels
+    whole = dense.tiled_peaks(run.peaks, x, card, 10**9, 0.5)
+    fixed = dense.tiled_peaks(run.peaks, x, card, 2**16, 0.5, fixed_side=side)
+    assert np.array_equal(fixed.cells, whole.cells) and len(whole.cells) > 20
+    assert np.allclose(fixed.scores, whole.scores, rtol=1e-5, atol=1e-5)
+    for scales in ("1", "0.8,1,1.5,2"):
+        for page in pages_:
+            cut = answers(run, page, card, 2**16, scales=scales)
+            one_shape = answers(run, page, card, 2**16, side, scales=scales)
+            same_detections(one_shape["detections"], cut["detections"])
+            maps = answers(lambda t: run(t), page, card, 2**16, side, scales=scales)  # the numpy path
+            same_detections(maps["detections"], cut["detections"])
+
+
+def test_the_engine_warms_the_tile_shape(store):
+    """CONVSERVE_FIXED_TILES: auto is off on a CPU; on, the tile shape is warmed before ready, with the
+    peak head."""
+    path, card = stored(store, "digit-detector")
+    settings = Settings(**{**SETTINGS.model_dump(), "fixed_tiles": "on", "tile_pixels": 2**16})
+    engine = Engine([open_model("digit-detector:test", card, path, settings)], settings)
+    try:
+        side = engine.tile_side("digit-detector")
+        assert side == fixed_tile_side(card, 2**16) > 0
+        engine.warm_up()
+        assert [1, 1, side, side] in engine.models["digit-detector"].shapes_warmed
+    finally:
+        engine.close()
+    auto = Engine([open_model("digit-detector:test", card, path, SETTINGS)], SETTINGS)
+    try:
+        assert SETTINGS.fixed_tiles == "auto" and auto.tile_side("digit-detector") == 0
+    finally:
+        auto.close()
 
 
 def test_maps_and_finer_strides_take_the_numpy_path(engine):
@@ -156,3 +198,36 @@ def test_score_map_answers_the_same_detections_through_the_server(server, pages_
         assert head.json()["geometry"] == numpy_path.json()["geometry"]
         same_detections(head.json()["detections"], numpy_path.json()["detections"])
         assert head.json()["detections"]
+
+
+def test_a_server_with_fixed_tiles_answers_as_one_with_tiles_cut(server, store, tmp_path, pages_):
+    """A real server told to tile in one shape (CONVSERVE_FIXED_TILES=on, as on CUDA; small tiles so a
+    page needs several) against the session's server (CPU: tiles cut to the image, here one pass):
+    the same detections from /score_map, the same map from /v2, and the shape warmed and shown."""
+    out = io.BytesIO()
+    Image.fromarray(pages_[2]).save(out, format="PNG")
+    page = out.getvalue()
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(page).decode()]}], "outputs": [{"name": "scores"}]}
+
+    def answers_of(url: str) -> tuple[dict, np.ndarray]:
+        found = httpx.post(f"{url}/score_map", files={"image": ("p.png", page)}, data={"scales": "1,1.5"},
+                           timeout=120)
+        scored = httpx.post(f"{url}/v2/models/digit-detector/infer", json=infer, timeout=120)
+        assert found.status_code == scored.status_code == 200, (found.text, scored.text)
+        scores = scored.json()["outputs"][0]
+        return found.json(), np.array(scores["data"], np.float32).reshape(scores["shape"])
+
+    with Server(store, tmp_path / "serve.log", models="digit-detector", fixed_tiles="on",
+                tile_pixels=2**16) as fixed:
+        described = httpx.get(f"{fixed.url}/models", timeout=30).json()["models"][0]
+        side = described["tile_side"]
+        assert side > 0 and [1, 1, side, side] in described["warmed_shapes"]
+        tiled, tiled_map = answers_of(fixed.url)
+    cut, cut_map = answers_of(server.url)
+    served = httpx.get(f"{server.url}/models", timeout=30).json()["models"]
+    assert {m["name"]: m["tile_side"] for m in served}["digit-detector"] == 0
+    assert tiled["geometry"] == cut["geometry"] and tiled["detections"]
+    same_detections(tiled["detections"], cut["detections"])
+    assert tiled_map.shape == cut_map.shape
+    np.testing.assert_allclose(tiled_map, cut_map, rtol=1e-5, atol=1e-5)

@@ -165,7 +165,8 @@ def test_the_datapath_bench_runs(store, tmp_path):
     from conftest import PYTHON, ROOT
 
     subprocess.run([PYTHON, "-m", "bench.datapath", "--models", "lenet5", "--rounds", "1", "--no-score-map",
-                    "--provider", "cpu", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=300,
+                    "--provider", "cpu", "--tile-pages", "700x520", "--tile-pixels", str(2**16),
+                    "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=300,
                    env={**os.environ, "BENTOML_HOME": str(store)}, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["levers"]["lenet5"]["batches"]["32"]
@@ -173,3 +174,6 @@ def test_the_datapath_bench_runs(store, tmp_path):
                          "fp16, uint8 + top-k heads"}
     assert "| before |" in (tmp_path / "report.md").read_text()
     assert all(r["ms"] > 0 for r in results["dense_head"])  # [] where the detector has no peak head
+    tiles = {r["tiles"]: r for r in results["tile_shapes"]}  # the same peaks asserted in the bench
+    if tiles:
+        assert tiles["one shape"]["shapes"] == 1 and tiles["cut to the page"]["shapes"] > 1

@@ -4,6 +4,7 @@
     scores = await engine.submit("lenet5", pixels)    # uint8 (N, C, H, W) → float32 (N, K, h, w)
     scores = engine.run("digit-detector", tile)       # the same, from a thread that is not the loop
     cells, scores = engine.run_peaks("digit-detector", page, 0.8)  # a detector's objectness peaks
+    side = engine.tile_side("digit-detector")                     # dense tiles' one shape, or 0
     probs, classes = await engine.submit_topk("lenet5", pixels, k)   # (N, k) each, best first
 
 It owns what makes a model call fast and safe, so that no front repeats it: a queue per model and the
@@ -23,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from service.card import fixed_tile_side
 from service.engine import metrics
 from service.engine.batcher import Overloaded  # noqa: F401 - the fronts catch it as engine.Overloaded
 from service.engine.buckets import bucket_sizes
@@ -101,12 +103,28 @@ class Engine:
         return (cells[0], parts[0][1]) if len(parts) == 1 else (np.concatenate(cells),
                                                                 np.concatenate([p for _, p in parts]))
 
+    def tile_side(self, model: str) -> int:
+        """The side of the one tile shape dense pipelines cut `model`'s large images into
+        (service/dense.py tiles()), warmed at start; 0: tiles cut to the image (CONVSERVE_FIXED_TILES;
+        auto: on CUDA)."""
+        return self._tile_side(self.workers[model].model)
+
+    def _tile_side(self, model: Model) -> int:
+        mode = self.settings.fixed_tiles
+        if mode == "off" or (mode == "auto" and model.provider != CUDA):
+            return 0
+        return fixed_tile_side(model.card, self.settings.tile_pixels)
+
+    def _dense_sides(self, model: Model) -> list[int]:
+        """The dense shapes warmed: a small page, and the tile shape where tiles have one."""
+        return [4 * model.window] + [side for side in [self._tile_side(model)] if side]
+
     def runner(self, model: str) -> Runner:
         return Runner(self, model)
 
     def warm_up(self) -> None:
         for worker in self.workers.values():
-            worker.warm_up(self.settings.warmup_rounds, dense_side=4 * worker.model.window)
+            worker.warm_up(self.settings.warmup_rounds, self._dense_sides(worker.model))
 
     def roll_out(self, tag: str) -> tuple[Model, Model]:
         """Load another version of a served model from the store, warm it, and serve it in place of
@@ -120,7 +138,7 @@ class Engine:
             raise KeyError(name)
         worker = self.workers[name]
         model = load(tag, self.settings)
-        worker.warm_up(self.settings.warmup_rounds, dense_side=4 * model.window, model=model)
+        worker.warm_up(self.settings.warmup_rounds, self._dense_sides(model), model=model)
         return model, worker.replace(model)
 
     def close(self) -> None:

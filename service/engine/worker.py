@@ -101,16 +101,20 @@ class ModelWorker:
         except Exception:  # noqa: BLE001 - the answers are out; a metrics failure is only logged
             log.exception("%s: metrics not recorded", self.model.name)
 
-    def warm_up(self, rounds: int, dense_side: int, model: Model | None = None) -> None:
-        """Run each bucket size (and one dense shape) `rounds` times, so the first requests pay no
-        set-up; called before the server says ready, and for a new version before replace()."""
+    def warm_up(self, rounds: int, dense_sides: list[int], model: Model | None = None) -> None:
+        """Run each bucket size and each dense side (and a detector's peak head there) `rounds` times,
+        so the first requests pay no set-up; called before the server says ready, and for a new
+        version before replace()."""
         model = model or self.model
         started = time.perf_counter()
         shapes = [(n, *model.window_shape) for n in warm_sizes(self.buckets)]
-        shapes.append((1, model.input.channels, dense_side, dense_side))
+        shapes += [(1, model.input.channels, side, side) for side in dense_sides]
         for _ in range(rounds):
             for shape in shapes:
-                model.run(np.zeros(shape, np.uint8))
+                x = np.zeros(shape, np.uint8)
+                model.run(x)
+                if model.peaks_head and shape[2:] != model.window_shape[1:]:
+                    model.infer(x, {"peaks"}, {"threshold": 1.0})
         model.warmup_ms = round((time.perf_counter() - started) * 1000, 1)
         model.shapes_warmed = [list(s) for s in shapes]
         log.info("warmed up %s in %.0f ms (%d shapes)", model.tag, model.warmup_ms, len(shapes))
