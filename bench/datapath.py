@@ -231,6 +231,13 @@ def without_peak_head(path: Path, out: Path) -> Path:
     return out
 
 
+def stored_detector() -> tuple[dict, Path] | None:
+    """The store's digit detector (card, ONNX path), or None where it has no peak head."""
+    stored = bentoml.models.get("digit-detector:latest")
+    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
+    return (card, path) if "peaks" in card["onnx"].get("heads", {}) else None
+
+
 def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (512, 2048)) -> list[dict]:
     """The detector's one call on a page, in process, interleaved, median of `rounds`: scores from the
     graph without the peak head, scores from the graph with it (onnxruntime computes every node
@@ -238,10 +245,10 @@ def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (5
     the scores + numpy's peaks (dense.reference_peaks)."""
     from service import dense
 
-    stored = bentoml.models.get("digit-detector:latest")
-    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
-    if "peaks" not in card["onnx"].get("heads", {}):
+    detector = stored_detector()
+    if detector is None:
         return []
+    card, path = detector
     bg = card["labels"].index(dense.BACKGROUND)
     with tempfile.TemporaryDirectory() as tmp:
         plain = without_peak_head(path, Path(tmp) / "plain.onnx")
@@ -280,10 +287,10 @@ def tile_shapes(settings: Settings, rounds: int,
     from service import dense
     from service.card import fixed_tile_side
 
-    stored = bentoml.models.get("digit-detector:latest")
-    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
-    if "peaks" not in card["onnx"].get("heads", {}):
+    detector = stored_detector()
+    if detector is None:
         return []
+    card, path = detector
     window = card["dense"]["window"]
     side = fixed_tile_side(card, settings.tile_pixels)
     rows = []

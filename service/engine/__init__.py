@@ -117,7 +117,8 @@ class Engine:
 
     def _dense_sides(self, model: Model) -> list[int]:
         """The dense shapes warmed: a small page, and the tile shape where tiles have one."""
-        return [4 * model.window] + [side for side in [self._tile_side(model)] if side]
+        side = self._tile_side(model)
+        return [4 * model.window, side] if side else [4 * model.window]
 
     def runner(self, model: str) -> Runner:
         return Runner(self, model)
