@@ -44,6 +44,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml constraints.txt Makefile README.md ./
+COPY modelcard/ modelcard/
 COPY models/ models/
 COPY export/ export/
 COPY service/ service/

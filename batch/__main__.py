@@ -7,7 +7,7 @@ detector, one engine per actor, detections written as JSON Lines.
 
 Each actor loads the model from the BentoML store ($BENTOML_HOME on every node, or baked into the
 image: deploy/ray/rayjob.yaml) and scores pages with the same code as POST /score_map
-(service/scoring.py), so a page gets the same detections here as from the server. Needs the `ray`
+(service/pipeline/score.py), so a page gets the same detections here as from the server. Needs the `ray`
 extra: pip install -c constraints.txt -e '.[cpu,ray]'.
 """
 
@@ -36,8 +36,8 @@ class PageScorer:
     """A Ray Data actor: one engine (one onnxruntime session, its inference thread), many pages."""
 
     def __init__(self, model: str, threads: int, options: dict) -> None:
-        from service import options as score_options
         from service.engine import Engine
+        from service.pipeline import options as score_options
         from service.settings import Settings
 
         self.settings = Settings(models=model, threads=threads, warmup_rounds=1)
@@ -47,17 +47,17 @@ class PageScorer:
         self.opts = score_options.parse(**options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from service import images, scoring
-        from service.errors import ServiceError
+        from service.errors import DomainError
+        from service.pipeline import images, score
 
         out: dict[str, list] = {"path": [], "result": []}
         for path in batch["path"]:
             try:
                 im = images.decode(Path(path).read_bytes(), self.settings.max_image_pixels, str(path))
-                result = scoring.score_page(self.engine.runner(self.name), im, self.card, self.opts,
-                                            self.settings.tile_pixels, self.engine.tile_side(self.name))
-            except ServiceError as e:  # one bad page is a row with its error, not a failed job
-                result = {"error": {"status": e.status, "type": e.type, "message": e.message}}
+                result = score.score_page(self.engine.bind(self.name), im, self.card, self.opts,
+                                          self.settings.tile_pixels, self.engine.tile_side(self.name))
+            except DomainError as e:  # one bad page is a row with its error, not a failed job
+                result = {"error": {"type": e.kind, "message": e.message}}
             out["path"].append(str(path))
             out["result"].append(json.dumps(result))
         return out

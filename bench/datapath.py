@@ -23,13 +23,13 @@ rounds, the levers interleaved in each round (a shared machine's noise hits them
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import bentoml
@@ -37,7 +37,9 @@ import numpy as np
 import onnxruntime as ort
 
 from export import fp16, heads
-from service.engine.sessions import Model, open_model, topk
+from modelcard import ModelCard
+from modelcard.reference import topk
+from service.engine.sessions import Model, open_model
 from service.settings import Settings
 
 TOP_K = 5
@@ -47,34 +49,34 @@ BATCHES = {"lenet5": (1, 32, 64), "alexnet": (1, 32)}
 def variants(name: str, folder: Path, settings: Settings) -> dict[str, Model]:
     """The model as stored, plain (old card), with heads, with heads + IO binding, fp16 with heads."""
     stored = bentoml.models.get(f"{name}:latest")
-    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
-    plain_card = {**card, "onnx": {k: v for k, v in card["onnx"].items() if k not in ("pixels", "heads")}}
-    plain_card["input"] = {k: v for k, v in card["input"].items() if k not in ("dtype", "layout")}
-    if "pixels" in card["onnx"]:
+    card, path = ModelCard.from_dict(dict(stored.info.metadata)), Path(stored.path_of("model.onnx"))
+    plain_card = replace(card, onnx=replace(card.onnx, pixels=None, heads=None),
+                         input=replace(card.input, dtype=None, layout=None))
+    if card.takes_pixels:
         headed, headed_card = path, card
-    else:
+    else:  # an older export: the heads added here, as export/heads.py adds them
         headed = folder / f"{name}-heads.onnx"
         headed.write_bytes(path.read_bytes())
-        headed_card = heads.merge_card(card, heads.add_heads(headed, card["input"], len(card["labels"])))
+        headed_card = heads.with_heads(card, heads.add_heads(headed, card.input, len(card.labels)), None)
     half = folder / f"{name}-fp16.onnx"
     fp16.convert(path, half)
-    if "pixels" not in card["onnx"]:
-        heads.add_heads(half, card["input"], len(card["labels"]))
+    if not card.takes_pixels:
+        heads.add_heads(half, card.input, len(card.labels))
     off = settings.model_copy(update={"io_binding": "off"})
     on = settings.model_copy(update={"io_binding": "on"})
-    no_topk = {**headed_card, "onnx": {k: v for k, v in headed_card["onnx"].items() if k != "heads"}}
+    no_topk = replace(headed_card, onnx=replace(headed_card.onnx, heads=None))
     return {"before": open_model(name, plain_card, str(path), off),
             "uint8 head": open_model(name, no_topk, str(headed), off),
             "uint8 + top-k heads": open_model(name, headed_card, str(headed), off),
             "+ IO binding": open_model(name, headed_card, str(headed), on),
-            "fp16, uint8 + top-k heads": open_model(name, copy.deepcopy(headed_card), str(half), off)}
+            "fp16, uint8 + top-k heads": open_model(name, headed_card, str(half), off)}
 
 
 def classify_call(model: Model, pixels: np.ndarray):
-    """What Engine.submit_topk asks of a model for window-size pixels."""
-    if model.topk_k:
+    """What Engine.infer(..., "topk") asks of a model for window-size pixels."""
+    if model.card.topk_k:
         return model.infer(pixels, {"topk"})["topk"]
-    return topk(model.run(pixels)[:, :, 0, 0], TOP_K)
+    return topk(model.infer(pixels)["scores"][:, :, 0, 0], TOP_K)
 
 
 def levers(name: str, settings: Settings, rounds: int) -> dict:
@@ -160,8 +162,10 @@ def numpy_twin_home(home: Path, folder: Path) -> Path:
     twin.mkdir(parents=True)
     without_peak_head(detector / version / "model.onnx", twin / "model.onnx")
     info = yaml.safe_load((detector / version / "model.yaml").read_text())
-    info["name"] = info["metadata"]["name"] = NUMPY_TWIN
-    info["metadata"]["onnx"].get("heads", {}).pop("peaks", None)
+    card = ModelCard.from_dict(info["metadata"])
+    peakless = replace(card.onnx.heads, peaks=None) if card.onnx.heads else None
+    info["name"] = NUMPY_TWIN
+    info["metadata"] = replace(card, name=NUMPY_TWIN, onnx=replace(card.onnx, heads=peakless)).to_dict()
     (twin / "model.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
     (models / NUMPY_TWIN / "latest").write_text(version)
     return folder
@@ -231,35 +235,35 @@ def without_peak_head(path: Path, out: Path) -> Path:
     return out
 
 
-def stored_detector() -> tuple[dict, Path] | None:
+def stored_detector() -> tuple[ModelCard, Path] | None:
     """The store's digit detector (card, ONNX path), or None where it has no peak head."""
     stored = bentoml.models.get("digit-detector:latest")
-    card, path = dict(stored.info.metadata), Path(stored.path_of("model.onnx"))
-    return (card, path) if "peaks" in card["onnx"].get("heads", {}) else None
+    card, path = ModelCard.from_dict(dict(stored.info.metadata)), Path(stored.path_of("model.onnx"))
+    return (card, path) if card.has_peak_head else None
 
 
 def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (512, 2048)) -> list[dict]:
     """The detector's one call on a page, in process, interleaved, median of `rounds`: scores from the
     graph without the peak head, scores from the graph with it (onnxruntime computes every node
     whatever is asked: the head's cost on plain score calls), and the peaks alone from the head vs
-    the scores + numpy's peaks (dense.reference_peaks)."""
-    from service import dense
+    the scores + numpy's peaks (modelcard.reference.reference_peaks)."""
+    from modelcard.reference import reference_peaks
 
     detector = stored_detector()
     if detector is None:
         return []
     card, path = detector
-    bg = card["labels"].index(dense.BACKGROUND)
+    bg = card.background
     with tempfile.TemporaryDirectory() as tmp:
         plain = without_peak_head(path, Path(tmp) / "plain.onnx")
-        no_head = {**card, "onnx": {**card["onnx"], "heads": {k: v for k, v in card["onnx"]["heads"].items()
-                                                              if k != "peaks"}}}
+        no_head = replace(card, onnx=replace(card.onnx, heads=replace(card.onnx.heads, peaks=None)))
         models = {"without": open_model("d", no_head, str(plain), settings),
                   "with": open_model("d", card, str(path), settings)}
-        calls = {"scores, graph without the head": lambda x: models["without"].run(x),
-                 "scores, graph with the head": lambda x: models["with"].run(x),
-                 "scores + numpy peaks": lambda x: dense.reference_peaks(models["with"].run(x), bg, 0.8),
-                 "peaks from the head": lambda x: models["with"].infer(x, {"peaks"}, {"threshold": 0.8})}
+        scores = {k: (lambda x, m=m: m.infer(x)["scores"]) for k, m in models.items()}
+        calls = {"scores, graph without the head": scores["without"],
+                 "scores, graph with the head": scores["with"],
+                 "scores + numpy peaks": lambda x: reference_peaks(scores["with"](x), bg, 0.8),
+                 "peaks from the head": lambda x: models["with"].infer(x, {"peaks"}, threshold=0.8)}
         rows = []
         for side in sides:
             x = page_pixels(side)
@@ -280,19 +284,18 @@ def dense_head_cost(settings: Settings, rounds: int, sides: tuple[int, ...] = (5
 def tile_shapes(settings: Settings, rounds: int,
                 pages: tuple[tuple[int, int], ...] = ((4096, 4096), (2600, 3400))) -> list[dict]:
     """A page's peaks from the detector's peak head, in process, in tiles cut to the page (CPU's
-    default) vs tiles of one shape (CONVSERVE_FIXED_TILES, CUDA's default: service/dense.py tiles()).
+    default) vs tiles of one shape (CONVSERVE_FIXED_TILES, CUDA's default: service/pipeline/dense.py tiles()).
     Each on a fresh session warmed as the service warms it (the small dense shape, and the one tile
     shape where tiles have one): the first page of a new size, then the median of `rounds`,
     interleaved; with the tile calls, their distinct shapes and the pixels scored per page pixel."""
-    from service import dense
-    from service.card import fixed_tile_side
+    from service.pipeline import dense
 
     detector = stored_detector()
     if detector is None:
         return []
     card, path = detector
-    window = card["dense"]["window"]
-    side = fixed_tile_side(card, settings.tile_pixels)
+    window = card.dense.window
+    side = card.dense.fixed_tile_side(settings.tile_pixels)
     rows = []
     for height, width in pages:
         x = page_pixels(height, width)[0]  # (1, H, W)
@@ -303,12 +306,12 @@ def tile_shapes(settings: Settings, rounds: int,
             for warm in [4 * window] + [fixed] * bool(fixed):
                 zeros = np.zeros((1, 1, warm, warm), np.uint8)
                 for _ in range(settings.warmup_rounds):
-                    model.infer(zeros, {"scores", "peaks"}, {"threshold": 1.0})
+                    model.infer(zeros, {"scores", "peaks"}, threshold=1.0)
             calls[kind] = []
 
             def run_peaks(tile, threshold, model=model, seen=calls[kind]):
                 seen.append(tile.shape[2:])
-                return model.infer(tile, {"peaks"}, {"threshold": threshold})["peaks"]
+                return model.infer(tile, {"peaks"}, threshold=threshold)["peaks"]
 
             runs[kind] = run_peaks
         found = {}

@@ -36,6 +36,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from bench.inprocess import best_seconds, session
+from modelcard import ModelCard
 from service.engine import Engine
 from service.engine.sessions import Model, open_model
 from service.settings import Settings
@@ -338,18 +339,18 @@ def engine_pressure(model: Model, batch: int, calls: int = 200) -> dict:
     """Per-call ms through service.engine (an asyncio caller, the model on its inference thread): the
     event loop idle or busy, at Python's default switch interval (5 ms) and at the engine's (0.2 ms).
     `compute_ms` is what /metrics reports as convserve_compute_seconds (median over the calls).
-    `to_thread_busy_5ms`: the design before the engine, `await asyncio.to_thread(model.run, x)`."""
+    `to_thread_busy_5ms`: the design before the engine, `await asyncio.to_thread(model.infer, x)`."""
     x = np.zeros((batch, *model.window_shape), np.uint8)
     with switch_interval(0.005):
         rows = {"to_thread_busy_5ms": {
-            "call_ms": round(asyncio.run(_drive(lambda: asyncio.to_thread(model.run, x), calls, True)), 3)}}
+            "call_ms": round(asyncio.run(_drive(lambda: asyncio.to_thread(model.infer, x), calls, True)), 3)}}
     for label, busy, switch_ms in [("idle_5ms", False, 0), ("busy_5ms", True, 0), ("busy_0.2ms", True, 0.2)]:
         seen: list = []
         with switch_interval(0.005):  # the engine sets its own (process-wide) when switch_ms > 0
             engine = Engine([model], Settings(max_batch_size=batch, batch_buckets="none",
                                               switch_interval_ms=switch_ms), observe=seen.append)
             try:
-                call_ms = asyncio.run(_drive(lambda e=engine: e.submit(model.name, x), calls, busy))
+                call_ms = asyncio.run(_drive(lambda e=engine: e.infer(model.name, x), calls, busy))
             finally:
                 engine.close()
         rows[label] = {"call_ms": round(call_ms, 3),
@@ -357,12 +358,12 @@ def engine_pressure(model: Model, batch: int, calls: int = 200) -> dict:
     return {"batch": batch, **rows}
 
 
-def stored(name: str) -> tuple[str, dict]:
+def stored(name: str) -> tuple[str, ModelCard]:
     """The ONNX file and card of `name:latest` in BentoML's store (as bench/__main__.py does)."""
     import bentoml
 
     model = bentoml.models.get(f"{name}:latest")
-    return model.path_of("model.onnx"), dict(model.info.metadata)
+    return model.path_of("model.onnx"), ModelCard.from_dict(dict(model.info.metadata))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", choices=["gil", "engine", "shapes"], help="leave one measurement out")
     args = p.parse_args(argv)
     path, card = stored(args.model)
-    shape = (card["input"]["channels"], card["input"]["height"], card["input"]["width"])  # (C, H, W)
+    shape = (card.input.channels, card.input.height, card.input.width)  # (C, H, W)
     out = {"model": args.model}
     if args.skip != "gil":
         out["gil_pressure"] = gil_pressure(path, args.batch, shape, args.threads, min_s=args.min_s)

@@ -1,6 +1,6 @@
 """In-process onnxruntime measurements (no HTTP): dense one pass vs every window as a crop, throughput
 per batch size, and int8 vs fp32 (speed and agreement). Sessions get the service's exact options
-(service.engine.sessions.session_options), so "in-process" means "what the service's model call can do".
+(service.engine.provider.session_options), so "in-process" means "what the service's model call can do".
 
 Timing: each figure is the best of several runs of at least `min_s` seconds (the minimum is the least
 noisy estimator on a shared machine); ratios compare figures taken one right after the other.
@@ -16,12 +16,13 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper, shape_inference
 
-from service.engine import sessions
+from modelcard import ModelCard
+from service.engine import provider
 from service.settings import Settings
 
 
 def session(path: str, threads: int) -> ort.InferenceSession:
-    options = sessions.session_options(Settings(threads=threads, workers=1))
+    options = provider.session_options(Settings(threads=threads, workers=1))
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -74,17 +75,17 @@ def windows(image: np.ndarray, window: int, stride: int) -> np.ndarray:
     return np.ascontiguousarray(view.transpose(1, 2, 0, 3, 4).reshape(-1, image.shape[0], window, window))
 
 
-def dense_vs_windows(path: str, card: dict, image: np.ndarray, threads: int, batch: int = 64) -> dict:
+def dense_vs_windows(path: str, card: ModelCard, image: np.ndarray, threads: int, batch: int = 64) -> dict:
     """One fully-convolutional pass over `image` (C, H, W) vs scoring each of its windows as a crop,
     batched `batch` at a time. Both give the same scores for an exact (padding-free) net."""
-    sess, name = session(path, threads), card["onnx"]["input"]
-    win, stride = card["dense"]["window"], card["dense"]["stride"]
+    sess, name = session(path, threads), card.onnx.input
+    win, stride = card.dense.window, card.dense.stride
     crops = windows(image, win, stride)
     one = best_seconds(lambda: sess.run(None, {name: image[None]}))
     each = best_seconds(lambda: [sess.run(None, {name: crops[i:i + batch]})
                                  for i in range(0, len(crops), batch)], rounds=2)
     flops_windows = conv_macs(path, (1, *crops.shape[1:])) * len(crops)
-    return {"model": card["name"], "image": list(image.shape[1:]), "windows": len(crops),
+    return {"model": card.name, "image": list(image.shape[1:]), "windows": len(crops),
             "one_pass_ms": round(one * 1e3, 2), "windows_ms": round(each * 1e3, 1),
             "speedup": round(each / one, 1),
             "flop_ratio": round(flops_windows / conv_macs(path, (1, *image.shape)), 1)}

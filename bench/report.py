@@ -124,7 +124,7 @@ def markdown(r: dict) -> str:
               f"{x['inprocess_ms_per_call']:g} | {100 * x['compute_share']:.0f} % |"
               for name, x in under_load(r)]
     lines += ["\n## The engine under GIL pressure (in-process)\n",
-              "Per call, ms. `engine`: `await engine.submit` from an asyncio loop that is idle or busy in "
+              "Per call, ms. `engine`: `await engine.infer` from an asyncio loop that is idle or busy in "
               "Python (2 ms slices), the model on the engine's inference thread; `compute` is what /metrics "
               "reports. `callers`: `session.run` from each kind of caller (bench/gil.py): call / run ms.\n",
               "| model | batch | to_thread, busy, 5 ms | engine idle | engine busy, 5 ms "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -27,6 +28,7 @@ from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import deviation_dict, export_onnx, verify
 from export.samples import dense_samples, real_pixels, window_samples
+from modelcard import DenseGeometry, ModelCard, OnnxGraph
 from models import cli
 from models.registry import get_arch, list_archs
 
@@ -99,18 +101,18 @@ def main(argv: list[str] | None = None) -> None:
     dense_inputs = dense_samples(spec, geo, data, args.seed)
     deviation = verify(model, fp32_path, geo, torch.cat([noise, real]), dense_inputs)
 
-    card = {
-        "schema": CARD_SCHEMA,
-        "name": name,
-        "version": "file",  # replaced by the store version in save_to_store
-        "arch": spec.name,
-        "description": spec.description,
-        "labels": labels,
-        "input": spec.input.to_dict(),
-        "dense": {**geo.to_dict(), "deviation": deviation_dict(deviation),
-                  "output_size": "floor((size - window) / stride) + 1 per axis"},
-        "onnx": {"input": "input", "output": "scores", "layout": "NCHW", "opset": opset},
-        "provenance": {
+    card = ModelCard(
+        schema=CARD_SCHEMA,
+        name=name,
+        version="file",  # replaced by the store version in save_to_store
+        arch=spec.name,
+        description=spec.description,
+        labels=labels,
+        input=spec.input,
+        dense=DenseGeometry.from_dict({**geo.to_dict(), "deviation": deviation_dict(deviation),
+                                       "output_size": "floor((size - window) / stride) + 1 per axis"}),
+        onnx=OnnxGraph(input="input", output="scores", layout="NCHW", opset=opset),
+        provenance={
             "data": data or "none (untrained or external weights)",
             "held_out_accuracy": record.get("held_out_accuracy", -1.0),
             "train_record": {k: record[k] for k in ("seed", "epochs", "train_seconds", "git_commit",
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                          "onnxruntime": onnxruntime.__version__},
             "quantization": "none (fp32)",
         },
-    }
+    )
     outputs = [(name, fp32_path, card)]
     print(f"{name}: stride {geo.stride}, window {geo.window}, receptive field {geo.receptive_field}, "
           f"exact={geo.exact}; dense deviation {deviation.relative_diff:.2e} (relative), argmax "
@@ -131,16 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         int8_path = args.out / f"{name}-int8.onnx"
         quantize.quantize(fp32_path, int8_path, calib.numpy())
         report = quantize.compare(fp32_path, int8_path, real.numpy(), held_labels)
-        outputs.append((f"{name}-int8", int8_path, {**card, "provenance": {**card["provenance"],
-                                                                           "quantization": report}}))
+        outputs.append((f"{name}-int8", int8_path,
+                        replace(card, provenance={**card.provenance, "quantization": report})))
         print(f"{name}-int8: top-1 agreement with fp32 {report['top1_agreement']:.4f} → {int8_path}")
     if args.fp16:
         fp16_path = args.out / f"{name}-fp16.onnx"
         fp16.convert(fp32_path, fp16_path)
         report = fp16.compare(fp32_path, fp16_path, real.numpy(), held_labels,
                               [x.numpy() for x in dense_inputs])
-        outputs.append((f"{name}-fp16", fp16_path, {**card, "provenance": {**card["provenance"],
-                                                                           "quantization": report}}))
+        outputs.append((f"{name}-fp16", fp16_path,
+                        replace(card, provenance={**card.provenance, "quantization": report})))
         print(f"{name}-fp16: top-1 agreement with fp32 {report['top1_agreement']:.4f}, relative score "
               f"difference {report['relative_diff']:.2e} → {fp16_path}")
 
@@ -148,18 +150,17 @@ def main(argv: list[str] | None = None) -> None:
         window_px, page_px = real_pixels(spec, geo, data, args.seed)
         for i, (out_name, path, out_card) in enumerate(outputs):
             before = path.read_bytes()
-            added = heads.add_heads(path, out_card["input"], len(labels), args.top_k)
-            checked = heads.verify_heads(before, path, out_card["input"], window_px, page_px)
-            added["onnx"]["heads"]["verified"] = checked
-            if heads.BACKGROUND in labels:  # a detector: its peaks in the graph too
-                peaks = heads.add_dense_head(path, out_card["dense"], labels)
-                peaks["verified"] = heads.verify_dense_head(path, labels, [page_px, window_px])
-                added["onnx"]["heads"]["peaks"] = peaks
-            outputs[i] = (out_name, path, heads.merge_card(out_card, added))
+            classify = heads.add_heads(path, out_card.input, len(labels), args.top_k)
+            checked = heads.verify_heads(before, path, out_card.input, window_px, page_px)
+            peaks = None
+            if out_card.is_detector:  # a detector: its peaks in the graph too
+                peaks = heads.add_dense_head(path, out_card.dense, labels)
+                peaks = replace(peaks, verified=heads.verify_dense_head(path, labels, [page_px, window_px]))
+            outputs[i] = (out_name, path, heads.with_heads(out_card, classify, checked, peaks))
         print(f"heads: uint8 input and top-{min(args.top_k, len(labels))} in the graph, verified on "
               f"{checked['images']} real images (worst relative difference {checked['pixels_vs_float']:.1e})")
-        if heads.BACKGROUND in labels:
-            print(f"dense head: objectness peaks in the graph, verified: {peaks['verified']}")
+        if card.is_detector:
+            print(f"dense head: objectness peaks in the graph, verified: {peaks.verified}")
     for _, path, out_card in outputs:
         embed(path, out_card)
 

@@ -16,7 +16,7 @@
 - dense peak head, detectors only (a `background` label): softmax over the classes of every cell,
   objectness 1 − p(background), its 3×3 peaks at or above an optional `threshold` input → `peak_cells`
   (M, 3) and the raw scores there, `peak_scores` (M, K): /score_map's detections need only these, not
-  the (K, h, w) map (service/dense.py tiled_peaks). Scores rather than probabilities: numpy's softmax
+  the (K, h, w) map (service/pipeline/dense.py tiled_peaks). Scores rather than probabilities: numpy's softmax
   of them is bit for bit the numpy path's, so detections tied at a score of 1.0 keep the same order.
   It runs on every dense call, plain score calls too (see above): bench/datapath.py measures it.
 
@@ -25,11 +25,16 @@ The network itself is untouched; its float input and `scores` output mean what t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from modelcard import BACKGROUND, ClassifyHead, DenseGeometry, InputSpec, ModelCard, PeaksHead
+from modelcard.card import Heads
+from modelcard.reference import reference_peaks, softmax
 
 INPUT, OUTPUT = "input", "scores"  # export/onnx_export.py's names (not imported: it needs torch, this
 PIXELS = "pixels"                   # module does not, so that bench/datapath.py runs without it)
@@ -41,15 +46,15 @@ def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value), name)
 
 
-def add_heads(path: Path, input_spec: dict, num_labels: int, top_k: int = DEFAULT_TOP_K) -> dict:
-    """Rewrite the ONNX file at `path` with both heads; return what the card gains (merged into its
-    `input` and `onnx` sections by the caller)."""
+def add_heads(path: Path, input_spec: InputSpec, num_labels: int, top_k: int = DEFAULT_TOP_K) -> ClassifyHead:
+    """Rewrite the ONNX file at `path` with both heads (uint8 `pixels` in, top-k out); return the
+    classify head for the card (with_heads)."""
     model = onnx.load(str(path))
     graph = model.graph
     if any(i.name == PIXELS for i in graph.input):
         raise ValueError(f"{path} already has the heads")
     (float_input,) = [i for i in graph.input if i.name == INPUT]
-    channels = int(input_spec["channels"])
+    channels = input_spec.channels
     k = min(top_k, num_labels)
     dims = [d.dim_param or d.dim_value for d in float_input.type.tensor_type.shape.dim]
 
@@ -58,9 +63,9 @@ def add_heads(path: Path, input_spec: dict, num_labels: int, top_k: int = DEFAUL
         node.input[:] = [joined if name == INPUT else name for name in node.input]
     per_channel = (channels, 1, 1)
     graph.initializer.extend([
-        _const("head_scale", np.float32(input_spec["scale"])),
-        _const("head_mean", np.asarray(input_spec["mean"], np.float32).reshape(per_channel)),
-        _const("head_std", np.asarray(input_spec["std"], np.float32).reshape(per_channel)),
+        _const("head_scale", np.float32(input_spec.scale)),
+        _const("head_mean", np.asarray(input_spec.mean, np.float32).reshape(per_channel)),
+        _const("head_std", np.asarray(input_spec.std, np.float32).reshape(per_channel)),
         _const("head_cell_start", np.zeros(2, np.int64)),
         _const("head_cell_end", np.ones(2, np.int64)),
         _const("head_cell_axes", np.array([2, 3], np.int64)),
@@ -85,7 +90,7 @@ def add_heads(path: Path, input_spec: dict, num_labels: int, top_k: int = DEFAUL
     del graph.node[:]
     graph.node.extend(nodes)
     graph.input.append(helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, dims))
-    window = (0, channels, int(input_spec["height"]), int(input_spec["width"]))
+    window = (0, channels, input_spec.height, input_spec.width)
     graph.initializer.append(_const(PIXELS, np.zeros(window, np.uint8)))  # the default: no pixels
     n = dims[0]
     graph.output.extend([
@@ -95,32 +100,18 @@ def add_heads(path: Path, input_spec: dict, num_labels: int, top_k: int = DEFAUL
     ])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return {"input": {"dtype": "uint8", "layout": "NCHW"},
-            "onnx": {"pixels": PIXELS,
-                     "heads": {"classify": {"probs": PROBS, "values": TOPK_VALUES,
-                                            "indices": TOPK_INDICES, "k": k, "of": "first cell"}}}}
+    return ClassifyHead(probs=PROBS, values=TOPK_VALUES, indices=TOPK_INDICES, k=k, of="first cell")
 
 
-def merge_card(card: dict, added: dict) -> dict:
-    """The card with add_heads' additions in their sections."""
-    return {**card, "input": {**card["input"], **added["input"]}, "onnx": {**card["onnx"], **added["onnx"]}}
+def with_heads(card: ModelCard, classify: ClassifyHead, verified: dict,
+               peaks: PeaksHead | None = None) -> ModelCard:
+    """The card of the graph add_heads (and add_dense_head) rewrote: uint8 pixels in, the heads out."""
+    return replace(card, input=replace(card.input, dtype="uint8", layout="NCHW"),
+                   onnx=replace(card.onnx, pixels=PIXELS,
+                                heads=Heads(classify=classify, verified=verified, peaks=peaks)))
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _normalize(pixels: np.ndarray, spec: dict) -> np.ndarray:
-    """The service's numpy normalization (service/card.py), the reference the pixel head must equal."""
-    shape = (-1, 1, 1)
-    x = np.multiply(pixels, np.float32(spec["scale"]), dtype=np.float32)
-    np.subtract(x, np.asarray(spec["mean"], np.float32).reshape(shape), out=x)
-    np.divide(x, np.asarray(spec["std"], np.float32).reshape(shape), out=x)
-    return x
-
-
-def verify_heads(before: bytes, after: Path, spec: dict, window: np.ndarray, page: np.ndarray) -> dict:
+def verify_heads(before: bytes, after: Path, spec: InputSpec, window: np.ndarray, page: np.ndarray) -> dict:
     """The model with heads (`after`) against the same model without (`before`, ONNX bytes), on real
     uint8 images: scores from pixels equal scores from the numpy-normalized floats, the float input
     still works, and probs/top-k equal softmax and a sort of the first cell's scores. Raises
@@ -130,15 +121,15 @@ def verify_heads(before: bytes, after: Path, spec: dict, window: np.ndarray, pag
     plain, headed = session(before), session(after)
     worst = {"pixels_vs_float": 0.0, "float_input": 0.0, "probs": 0.0}
     for pixels in (window, page):
-        x = _normalize(pixels, spec)
+        x = spec.normalize(pixels)  # the service's numpy normalization: the reference
         ref = plain.run([OUTPUT], {INPUT: x})[0]
         got = headed.run([OUTPUT], {PIXELS: pixels, INPUT: x[:0]})[0]
         again = headed.run([OUTPUT], {INPUT: x})[0]  # as before the heads: `pixels` left out
         worst["pixels_vs_float"] = max(worst["pixels_vs_float"], relative_diff(got, ref))
         worst["float_input"] = max(worst["float_input"], relative_diff(again, ref))
-    x = _normalize(window, spec)
+    x = spec.normalize(window)
     probs, values, indices = headed.run([PROBS, TOPK_VALUES, TOPK_INDICES], {PIXELS: window, INPUT: x[:0]})
-    ref_probs = softmax(plain.run([OUTPUT], {INPUT: x})[0][:, :, 0, 0])
+    ref_probs = softmax(plain.run([OUTPUT], {INPUT: x})[0][:, :, 0, 0], axis=1)
     worst["probs"] = float(np.abs(probs - ref_probs).max())
     expected = -np.sort(-ref_probs, axis=1)[:, : values.shape[1]]
     picked = np.take_along_axis(ref_probs, indices, 1)
@@ -149,18 +140,18 @@ def verify_heads(before: bytes, after: Path, spec: dict, window: np.ndarray, pag
     return {name: float(f"{v:.3g}") for name, v in worst.items()} | {"images": int(len(window) + len(page))}
 
 
-BACKGROUND = "background"  # service/dense.py's name for "no object here"
 PEAK_CELLS, PEAK_SCORES, THRESHOLD = "peak_cells", "peak_scores", "threshold"
 DEFAULT_THRESHOLD = 0.8  # /score_map's default (service/options.py); the caller feeds its own
 
 
-def add_dense_head(path: Path, dense: dict, labels: list[str], threshold: float = DEFAULT_THRESHOLD) -> dict:
+def add_dense_head(path: Path, dense: DenseGeometry, labels: list[str],
+                   threshold: float = DEFAULT_THRESHOLD) -> PeaksHead:
     """Rewrite the ONNX file at `path` (already with add_heads' `head_x`) with the dense peak head of a
     detector (a `background` label): softmax over the classes, objectness 1 − p(background), its 3×3
     peaks at or above `threshold` (an optional scalar input) → `peak_cells` (M, 3) int64 (n, y, x) and
-    their raw scores `peak_scores` (M, K): service/dense.py's numpy path in the graph. The scores are
+    their raw scores `peak_scores` (M, K): modelcard.reference's numpy path in the graph. The scores are
     first cropped to the cells inside the image (Model.infer crops the same way), so that no cell
-    outside takes part in a neighbourhood. Returns what the card's `onnx.heads` gains."""
+    outside takes part in a neighbourhood. Returns the peak head for the card (with_heads)."""
     model = onnx.load(str(path))
     graph = model.graph
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -168,8 +159,8 @@ def add_dense_head(path: Path, dense: dict, labels: list[str], threshold: float 
     graph.initializer.extend([
         _const("peak_hw_start", np.array([2], np.int64)),
         _const("peak_hw_end", np.array([4], np.int64)),
-        _const("peak_window", np.int64(dense["window"])),
-        _const("peak_stride", np.int64(dense["stride"])),
+        _const("peak_window", np.int64(dense.window)),
+        _const("peak_stride", np.int64(dense.stride)),
         _const("peak_one_i", np.int64(1)),
         _const("peak_zeros", np.zeros(2, np.int64)),
         _const("peak_axes", np.array([2, 3], np.int64)),
@@ -216,8 +207,7 @@ def add_dense_head(path: Path, dense: dict, labels: list[str], threshold: float 
     ])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return {"cells": PEAK_CELLS, "scores": PEAK_SCORES, "threshold": THRESHOLD,
-            "of": "objectness 3x3 peaks"}
+    return PeaksHead(cells=PEAK_CELLS, scores=PEAK_SCORES, threshold=THRESHOLD, of="objectness 3x3 peaks")
 
 
 def _reduce(op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
@@ -247,8 +237,6 @@ def verify_dense_head(path: Path, labels: list[str], batches: list[np.ndarray]) 
     the same cells, except near-ties (_near_tie), and the same scores there (bits). Raises
     VerificationError; returns how many peaks were checked and how many near-ties went the other way."""
     from export.onnx_export import VerificationError, session
-    from service.dense import reference_peaks
-
     sess, bg = session(path), labels.index(BACKGROUND)
     peaks, ties = 0, 0
     for threshold in (0.0, 0.5, DEFAULT_THRESHOLD):
@@ -256,9 +244,9 @@ def verify_dense_head(path: Path, labels: list[str], batches: list[np.ndarray]) 
             feeds = {PIXELS: batch, INPUT: np.empty((0, *batch.shape[1:]), np.float32),
                      THRESHOLD: np.array(threshold, np.float32)}
             scores, cells, at_cells = sess.run([OUTPUT, PEAK_CELLS, PEAK_SCORES], feeds)
-            ref_cells, _ = reference_peaks(scores, bg, threshold)  # service/dense.py's
+            ref_cells, _ = reference_peaks(scores, bg, threshold)  # the service's numpy path
             got = {tuple(c) for c in cells}
-            objectness = 1.0 - softmax(scores)[:, bg]
+            objectness = 1.0 - softmax(scores, axis=1)[:, bg]
             for n, y, x in got ^ {tuple(c) for c in ref_cells}:
                 if not _near_tie(objectness[n], y, x, threshold):
                     raise VerificationError(f"the peak head finds other peaks than numpy at threshold "

@@ -10,7 +10,7 @@ from PIL import Image
 
 from export.geometry import Geometry
 from models import data, pages
-from models.registry import ArchSpec
+from models.registry import ArchSpec, to_tensor
 
 
 def _photos() -> list[np.ndarray]:
@@ -47,11 +47,11 @@ def window_samples(spec: ArchSpec, data_spec: str, seed: int):
     noise = torch.randn(8, c, win, win, generator=gen)
     split = _split(spec, data_spec)
     if split is None:  # RGB without data: sklearn's photos, no labels
-        real = spec.input.to_tensor(_photo_crops(win, 24, rng))
+        real = to_tensor(spec.input, _photo_crops(win, 24, rng))
         return noise, real, None, real
     train, held = split
-    calib = spec.input.to_tensor(train.images[rng.permutation(len(train.images))[:256]])
-    return noise, spec.input.to_tensor(held.images), torch.from_numpy(held.labels), calib
+    calib = to_tensor(spec.input, train.images[rng.permutation(len(train.images))[:256]])
+    return noise, to_tensor(spec.input, held.images), torch.from_numpy(held.labels), calib
 
 
 def dense_samples(spec: ArchSpec, geo: Geometry, data_spec: str, seed: int) -> list[torch.Tensor]:
@@ -65,9 +65,9 @@ def dense_samples(spec: ArchSpec, geo: Geometry, data_spec: str, seed: int) -> l
         split = _split(spec, data_spec)
         digits, labels = split[1].images, split[1].labels
         page = pages.synth_page(rng, digits, labels, win + 18 * s + 3, win + 24 * s + 1, n_digits=12)
-        real = spec.input.to_tensor(page.image[None])
+        real = to_tensor(spec.input, page.image[None])
     else:  # one pixel short of another cell: AlexNet emits an overhanging cell there
-        real = spec.input.to_tensor(_photo_crops(win + 3 * s - 1, 2, rng))
+        real = to_tensor(spec.input, _photo_crops(win + 3 * s - 1, 2, rng))
     return [noise, real]
 
 

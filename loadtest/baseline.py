@@ -23,28 +23,30 @@ from PIL import Image
 def create_app(model_tag: str, threads: int) -> FastAPI:
     import bentoml
 
+    from modelcard import ModelCard
+
     stored = bentoml.models.get(model_tag)
-    card = stored.info.metadata
+    card = ModelCard.from_dict(dict(stored.info.metadata))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(stored.path_of("model.onnx"), options, providers=["CPUExecutionProvider"])
-    spec = card["input"]
-    mean = np.asarray(spec["mean"], np.float32)[:, None, None]
-    std = np.asarray(spec["std"], np.float32)[:, None, None]
-    labels = card["labels"]
+    spec = card.input
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    labels = card.labels
     app = FastAPI()
 
     @app.post("/classify")
     async def classify(image: UploadFile) -> dict:
         try:
-            im = Image.open(io.BytesIO(await image.read())).convert(spec["mode"])
+            im = Image.open(io.BytesIO(await image.read())).convert(spec.mode)
         except Exception as e:  # noqa: BLE001
             raise HTTPException(422, f"not an image: {e}") from None
-        im = im.resize((spec["width"], spec["height"]), Image.BILINEAR) if im.size != (28, 28) else im
+        im = im.resize((spec.width, spec.height), Image.BILINEAR) if im.size != (28, 28) else im
         x = np.asarray(im, np.float32)
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        x = (x * np.float32(spec["scale"]) - mean) / std
+        x = (x * np.float32(spec.scale) - mean) / std
         logits = session.run(None, {"input": x[None]})[0][0, :, 0, 0]
         p = np.exp(logits - logits.max())
         p /= p.sum()

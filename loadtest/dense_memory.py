@@ -20,8 +20,8 @@ import numpy as np
 
 
 def measure(model_tag: str, size: int, tile_pixels: int) -> dict:
-    from service import dense
     from service.engine.store import load
+    from service.pipeline import dense
     from service.settings import Settings
 
     model = load(model_tag, Settings(models=model_tag))
@@ -29,7 +29,8 @@ def measure(model_tag: str, size: int, tile_pixels: int) -> dict:
     page = rng.integers(0, 60, (size, size), dtype=np.uint8)  # a noisy page: content is irrelevant here
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    m = dense.tiled(model.run, page[None], model.card, tile_pixels)  # uint8 tiles, normalized per tile
+    scores = lambda x: model.infer(x)["scores"]  # noqa: E731
+    m = dense.tiled(scores, page[None], model.card, tile_pixels)  # uint8 tiles, normalized per tile
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"size": size, "tile_pixels": tile_pixels, "map": list(m.scores.shape),

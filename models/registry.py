@@ -5,48 +5,36 @@ the service ever learns about a model."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from modelcard import InputSpec
 from models.alexnet import IMAGENET1K_V1, AlexNet
 from models.allconv import AllConvNet
 from models.lenet import LeNet5Classic, LeNet5ReLU
 
 DIGITS = [str(d) for d in range(10)]
-BACKGROUND = "background"
 # Statistics of the MNIST training set (pixels scaled to [0, 1]).
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """How a picture becomes the network's input: PIL mode, window size, then
-    x = (pixel · scale − mean) / std per channel."""
+def input_spec(mode: str, height: int, width: int, mean: tuple[float, ...], std: tuple[float, ...],
+               scale: float = 1 / 255) -> InputSpec:
+    """How a picture becomes the network's input: PIL mode ("L" or "RGB"), window size, then
+    x = (pixel · scale − mean) / std per channel. The model card's own InputSpec (modelcard/), so what
+    training declares is what export writes and the service reads."""
+    return InputSpec(mode, height, width, tuple(mean), tuple(std), scale, len(mean))
 
-    mode: str  # "L" or "RGB"
-    height: int
-    width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    scale: float = 1 / 255
 
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "channels": self.channels}
-
-    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W) or (N, H, W, C) → normalized float (N, C, H, W), as the service does it."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).float() * self.scale
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x - mean) / std
+def to_tensor(spec: InputSpec, images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) → normalized float (N, C, H, W), with the service's numpy
+    normalization (modelcard.reference.normalize), so training sees exactly what serving feeds."""
+    x = np.ascontiguousarray(images)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return torch.from_numpy(spec.normalize(x))
 
 
 @dataclass(frozen=True)
@@ -62,8 +50,8 @@ class ArchSpec:
         return self.constructor(num_classes=num_classes or len(self.labels), **self.kwargs)
 
 
-_MNIST_INPUT = InputSpec(mode="L", height=28, width=28, mean=MNIST_MEAN, std=MNIST_STD)
-_IMAGENET_INPUT = InputSpec(
+_MNIST_INPUT = input_spec(mode="L", height=28, width=28, mean=MNIST_MEAN, std=MNIST_STD)
+_IMAGENET_INPUT = input_spec(
     mode="RGB", height=224, width=224, mean=IMAGENET1K_V1.mean, std=IMAGENET1K_V1.std
 )
 

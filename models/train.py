@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import cli, data, pages
-from models.registry import BACKGROUND, get_arch, list_archs
+from models.registry import BACKGROUND, get_arch, list_archs, to_tensor
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_shift_px: float = 2.0) -> torch.Tensor:
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                                         held.labels, max(1, len(held.images) // 8), len(labels) - 1)
 
     model = spec.build(num_classes=len(labels))
-    x, y = spec.input.to_tensor(train_x), torch.from_numpy(train_y)
-    hold_x, hold_y = spec.input.to_tensor(held.images), torch.from_numpy(held.labels)
+    x, y = to_tensor(spec.input, train_x), torch.from_numpy(train_y)
+    hold_x, hold_y = to_tensor(spec.input, held.images), torch.from_numpy(held.labels)
     steps_per_epoch = (len(x) + args.batch_size - 1) // args.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.background:
         record["held_out_patch_accuracy"] = round(
-            accuracy(model, spec.input.to_tensor(hx), torch.from_numpy(hy)), 5)
+            accuracy(model, to_tensor(spec.input, hx), torch.from_numpy(hy)), 5)
     name = args.name or (spec.name + ("-detector" if args.background else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / f"{name}.pt")

@@ -1,65 +1,54 @@
-"""One JSON shape for every error status:
+"""Domain errors: what went wrong with a request, in words that say what to change, and no HTTP.
 
-    {"error": {"status": 422, "type": "invalid_image", "message": "what is wrong and what to change",
-               "request_id": "…"}}
-
-Our own errors are `ServiceError`s, turned into responses by the fronts. BentoML's own errors
-(pydantic validation → 400 object, BentoMLException → 400 *list*, unknown route → plain text, 500)
-are rewritten into the same shape by service/gate.py, which also adds the request ID.
+The engine and the pipeline raise these; each front maps them to its protocol's statuses with one
+table (fronts/asgi.py REST_STATUS for /classify, /score_map and the BentoML APIs; fronts/kserve_v2.py
+V2_STATUS for the Open Inference Protocol), as KServe maps its InvalidInput to 400 in one handler.
+`kind` is the machine-readable type the REST error body carries (e.g. invalid_image).
 """
 
 from __future__ import annotations
 
-import json
-import math
 
-from starlette.responses import JSONResponse
+class DomainError(Exception):
+    kind = "error"
 
-TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-         405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
-         415: "unsupported_media_type",
-         422: "invalid_input", 429: "too_many_requests", 500: "internal_error", 503: "unavailable",
-         504: "timeout"}
-
-
-class ServiceError(Exception):
-    """An answer that is not a success: status, a machine-readable type, and a message that says
-    what to change. `retry_after` (seconds) becomes a Retry-After header (429, 503)."""
-
-    def __init__(self, status: int, message: str, type_: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(self, message: str, kind: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_ or TYPES.get(status, "error")
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"retry-after": str(max(1, math.ceil(self.retry_after)))}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(body(self.status, self.type, self.message), status_code=self.status,
-                            headers=self.headers())
+        self.message, self.retry_after = message, retry_after
+        if kind:
+            self.kind = kind
 
 
-def body(status: int, type_: str, message: str, details: object = None) -> dict:
-    error = {"status": status, "type": type_, "message": message}
-    if details is not None:
-        error["details"] = details
-    return {"error": error}
+class InvalidInput(DomainError):
+    """Values that cannot be used: a corrupt image, an image too small, an unknown option."""
+
+    kind = "invalid_input"
 
 
-def reshape(status: int, raw: bytes) -> dict:
-    """Any error body (ours, BentoML's, plain text) → our shape."""
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = raw.decode(errors="replace").strip()
-    if isinstance(parsed, list) and len(parsed) == 1:  # BentoMLException bodies are one-item lists
-        parsed = parsed[0]
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return parsed  # already ours
-    message = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
-    details = parsed.get("detail") if isinstance(parsed, dict) else None
-    if status == 400 and isinstance(details, list) and details:
-        message = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details
-                            if isinstance(d, dict))
-    return body(status, TYPES.get(status, "error"), str(message) or f"HTTP {status}", details)
+class TooLarge(DomainError):
+    """More images, pixels or work than this server takes in one request."""
+
+    kind = "payload_too_large"
+
+
+class Unsupported(DomainError):
+    """Not an image in a format or pixel mode we serve."""
+
+    kind = "unsupported_media_type"
+
+
+class UnknownModel(DomainError):
+    kind = "unknown_model"
+
+
+class Overloaded(DomainError):
+    """The model's queue is past its bound: retry after `retry_after` seconds."""
+
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+    @property
+    def retry_after_s(self) -> float:
+        return self.retry_after

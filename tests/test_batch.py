@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip i
 REFERENCE = """
 import json, sys
 from pathlib import Path
-from service import images, options, scoring
+from service.pipeline import images, options
+from service.pipeline import score as scoring
 from service.engine import Engine
 from service.settings import Settings
 settings = Settings(models="digit-detector", threads=1, warmup_rounds=1)
@@ -30,7 +31,7 @@ opts = options.parse(outputs="detections")
 out = {}
 for path in sys.argv[1:]:
     im = images.decode(Path(path).read_bytes(), settings.max_image_pixels, path)
-    out[path] = scoring.score_page(engine.runner("digit-detector"), im, card, opts, settings.tile_pixels)
+    out[path] = scoring.score_page(engine.bind("digit-detector"), im, card, opts, settings.tile_pixels)
 engine.close()
 print(json.dumps(out))
 """

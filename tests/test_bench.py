@@ -10,8 +10,8 @@ from PIL import Image
 
 from bench import inprocess
 from export.card import read_embedded
-from service import images
-from service.card import InputSpec
+from modelcard import ModelCard
+from service.pipeline import images
 
 
 def stored_onnx(store, name: str) -> str:
@@ -39,7 +39,7 @@ def test_windows_are_every_crop_at_the_stride():
 
 def test_dense_vs_windows_reports_the_flop_ratio(store):
     path = stored_onnx(store, "lenet5")
-    card = read_embedded(path)
+    card = ModelCard.from_dict(read_embedded(path))
     image = np.random.default_rng(0).standard_normal((1, 64, 64), dtype=np.float32)
     row = inprocess.dense_vs_windows(path, card, image, threads=1)
     assert row["windows"] == ((64 - 28) // 4 + 1) ** 2 == 100
@@ -51,7 +51,7 @@ def test_int8_default_model_keeps_accuracy(store, mnist):
     fp32, int8 = stored_onnx(store, "lenet5"), stored_onnx(store, "lenet5-int8")
     card = read_embedded(fp32)
     _, held = mnist
-    spec = InputSpec.from_card(card)
+    spec = ModelCard.from_dict(card).input
     x = spec.normalize(np.stack([images.window_pixels(Image.fromarray(p), spec) for p in held.images]))
     result = inprocess.agreement(fp32, int8, x, held.labels, threads=1)
     # What users get: the same answers, no accuracy lost; stable across training seeds (≈ across

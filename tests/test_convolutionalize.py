@@ -10,7 +10,7 @@ from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import crops_logits, relative_diff
 from models.cli import load_weights
-from models.registry import build, get_arch
+from models.registry import build, get_arch, to_tensor
 
 ARCHS = ["lenet5-relu", "lenet5-classic", "allconv", "alexnet"]
 
@@ -57,7 +57,7 @@ def test_exact_on_real_digits_with_trained_weights(trained_lenet, mnist):
     fcn = convolutionalize(model, (28, 28))
     geo = geometry(fcn, 28)
     page = synth_page(np.random.default_rng(0), mnist[1].images, mnist[1].labels, 92, 120, 8)
-    x = spec.input.to_tensor(page.image[None])
+    x = to_tensor(spec.input, page.image[None])
     with torch.no_grad():
         dense = fcn(x).numpy()
     crops = crops_logits(model, x, geo)

@@ -134,7 +134,7 @@ def test_a_bad_upload_shows_the_server_message(ui, mnist):
 
 
 def test_ui_is_open_offline_and_swagger_stays_at_root(server):
-    from service.gate import is_open
+    from service.fronts.gate import is_open
 
     page = httpx.get(f"{server.url}/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -1,5 +1,5 @@
-"""Dense scoring pieces (service/dense.py) against brute force, in-process with onnxruntime:
-finer stride vs per-crop scoring at stride 1, tiles vs one pass, NMS and box geometry."""
+"""Dense scoring pieces (service/pipeline/dense.py, detect.py) against brute force, in-process with
+onnxruntime: finer stride vs per-crop scoring at stride 1, tiles vs one pass, NMS and box geometry."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from export.convolutionalize import convolutionalize
 from export.geometry import geometry
 from export.onnx_export import export_onnx, session
+from modelcard import DenseGeometry, ModelCard
+from modelcard.reference import local_peaks
 from models.registry import build
-from service import card as card_geometry
-from service import dense
+from service.pipeline import dense, detect
 
 
 @pytest.fixture(scope="module", params=["lenet5-relu", "lenet5-classic"])
@@ -29,7 +30,10 @@ def net(request, tmp_path_factory):
         scores = sess.run(["scores"], {"input": x.astype(np.float32)})[0]
         return scores[:, :, : geo.map_size(x.shape[2]), : geo.map_size(x.shape[3])]
 
-    card = {"dense": geo.to_dict(), "labels": [str(d) for d in range(10)]}
+    card = ModelCard.from_dict({"name": request.param, "labels": [str(d) for d in range(10)],
+                                "input": {"mode": "L", "height": 28, "width": 28, "mean": [0.0], "std": [1.0],
+                                          "scale": 1.0, "channels": 1},
+                                "dense": geo.to_dict(), "onnx": {"input": "input", "output": "scores"}})
     return run, card
 
 
@@ -45,7 +49,7 @@ def per_crop(run, x: np.ndarray, step: int) -> np.ndarray:
 @pytest.mark.parametrize("factor", [2, 4])
 def test_finer_stride_equals_per_crop_scoring(net, factor):
     run, card = net
-    if not card["dense"]["exact"]:
+    if not card.dense.exact:
         pytest.skip("exact only for padding-free nets")
     x = np.random.default_rng(0).normal(size=(1, 61, 75)).astype(np.float32)
     m = dense.finer(run, x, card, factor, max_pixels=10**9)
@@ -88,13 +92,13 @@ def test_fixed_tiles_are_one_shape_and_equal_one_pass(net, shape):
     gets them: the same map as one pass, and every tile the same shape unless the image is smaller
     than a tile on that side. Nets with padding keep tiles cut to the image (side 0)."""
     run, card = net
-    if not card["dense"]["exact"]:
-        assert card_geometry.fixed_tile_side(card, 64 * 64) == 0
+    if not card.dense.exact:
+        assert card.dense.fixed_tile_side(64 * 64) == 0
         return
     x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
     whole = dense.one_pass(run, x, card).scores
     for budget in (40 * 40, 64 * 64, 100 * 90):
-        side = card_geometry.fixed_tile_side(card, budget)
+        side = card.dense.fixed_tile_side(budget)
         assert (side - 28) % 4 == 0 and side <= budget ** 0.5 + 32
         seen: list[tuple[int, int]] = []
 
@@ -117,9 +121,9 @@ def test_a_4096_page_is_four_fixed_tiles():
     """The default 4 Mi tiles on the detector's geometry: a 4096² page is 2 × 2 tiles of one shape
     (tiles cut to the page take 3 × 3, the last ones thin), for the maps and for the peak head's
     wider overlap; every cell owned once."""
-    card = {"dense": {"window": 28, "stride": 4, "offset": 0, "receptive_field": 28,
-                      "receptive_field_offset": 0}}
-    side = card_geometry.fixed_tile_side(card, 4 * 2**20)
+    card = DenseGeometry.from_dict({"window": 28, "stride": 4, "offset": 0, "receptive_field": 28,
+                                    "receptive_field_offset": 0})
+    side = card.fixed_tile_side(4 * 2**20)
     for margin in (0, 4):  # tiled(), tiled_peaks()
         fixed = dense.tiles(4096, 4096, card, 4 * 2**20, margin, side)
         assert len(fixed) == 4 and len(dense.tiles(4096, 4096, card, 4 * 2**20, margin)) == 9
@@ -136,7 +140,7 @@ def test_nms_against_brute_force():
     xy = rng.uniform(0, 100, (60, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(10, 30, (60, 1))], 1)
     scores = rng.uniform(size=60)
-    kept = dense.nms(boxes, scores, 0.3)
+    kept = detect.nms(boxes, scores, 0.3)
     # brute force: walk by score, keep a box unless it overlaps a kept one by IoU > 0.3
     expected = []
     for i in np.argsort(-scores):
@@ -161,7 +165,7 @@ def test_detections_geometry_and_suppression():
     scores[1, 2, 4] = 9.0  # an off-centre view of it, read as another digit
     m = dense.Map(scores, stride=4, offset=0, window=28)
     for scale in (1.0, 2.0):
-        found = dense.detect([dense.candidates(m, labels, 0.5, set(range(10)), scale)], labels, 0.3)
+        found = detect.detect([detect.candidates(m, labels, 0.5, set(range(10)), scale)], labels, 0.3)
         assert [d["label"] for d in found] == ["7"]
         assert found[0]["box"] == [3 * 4 * scale, 2 * 4 * scale, (12 + 28) * scale, (8 + 28) * scale]
         assert found[0]["score"] > 0.99
@@ -169,5 +173,5 @@ def test_detections_geometry_and_suppression():
 
 def test_local_peaks():
     p = np.array([[0, 1, 0], [1, 3, 1], [0, 1, 2.0]])
-    assert dense.local_peaks(p).tolist() == [[False, False, False], [False, True, False],
+    assert local_peaks(p).tolist() == [[False, False, False], [False, True, False],
                                               [False, False, False]]

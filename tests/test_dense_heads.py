@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -15,27 +16,29 @@ from PIL import Image
 
 from export.card import read_embedded
 from loadtest.servers import Server
+from modelcard import ModelCard
+from modelcard.reference import reference_peaks
 from models.pages import synth_page
-from service import dense, options, scoring
-from service.card import fixed_tile_side
 from service.engine import Engine
 from service.engine.sessions import Model, open_model
+from service.pipeline import dense, options
+from service.pipeline import score as scoring
 from service.settings import Settings
 
 SETTINGS = Settings(threads=2, max_batch_size=64, batch_buckets="none", warmup_rounds=1,
                     switch_interval_ms=0)
 
 
-def stored(store, name: str) -> tuple[str, dict]:
+def stored(store, name: str) -> tuple[str, ModelCard]:
     folder = store / "models" / name
     path = folder / (folder / "latest").read_text().strip() / "model.onnx"
-    return str(path), read_embedded(path)
+    return str(path), ModelCard.from_dict(read_embedded(path))
 
 
 @pytest.fixture(scope="module")
 def engine(store):
     path, card = stored(store, "digit-detector")
-    if "peaks" not in card["onnx"].get("heads", {}):  # CONVSERVE_TEST_STORE exported before the head
+    if not card.has_peak_head:  # CONVSERVE_TEST_STORE exported before the head
         pytest.skip("the store's digit-detector has no peak head: re-export it (python -m export)")
     engine = Engine([open_model("digit-detector:test", card, path, SETTINGS)], SETTINGS)
     yield engine
@@ -64,24 +67,24 @@ def same_detections(got: list[dict], want: list[dict]) -> None:
 
 def test_the_export_adds_and_verifies_the_peak_head(engine):
     card = engine.models["digit-detector"].card
-    peaks = card["onnx"]["heads"]["peaks"]
+    peaks = card.to_dict()["onnx"]["heads"]["peaks"]
     assert peaks["cells"] == "peak_cells" and peaks["scores"] == "peak_scores" and peaks["threshold"]
     assert peaks["verified"]["peaks"] > 0
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
 def test_peak_head_equals_numpy_on_whole_pages(engine, pages_, threshold):
-    labels = engine.models["digit-detector"].card["labels"]
+    labels = engine.models["digit-detector"].card.labels
     for page in pages_[:2]:
         x = page[None, None]
-        cells, scores = engine.run_peaks("digit-detector", x, threshold)
-        ref_cells, ref_scores = dense.reference_peaks(engine.run("digit-detector", x),
+        cells, scores = engine.infer_blocking("digit-detector", x, "peaks", threshold)
+        ref_cells, ref_scores = reference_peaks(engine.infer_blocking("digit-detector", x),
                                                       labels.index("background"), threshold)
         assert np.array_equal(cells, ref_cells) and np.array_equal(scores, ref_scores)
 
 
 def test_tiled_peaks_equal_one_pass(engine, pages_):
-    card, run = engine.models["digit-detector"].card, engine.runner("digit-detector")
+    card, run = engine.models["digit-detector"].card, engine.bind("digit-detector")
     x = pages_[2][None]
     whole = dense.tiled_peaks(run.peaks, x, card, 10**9, 0.5)
     tiles = dense.tiled_peaks(run.peaks, x, card, 2**16, 0.5)  # 256² pixels: a dozen tiles
@@ -93,7 +96,7 @@ def test_tiled_peaks_equal_one_pass(engine, pages_):
 @pytest.mark.parametrize("scales", ["1", "0.8,1,1.5,2"])
 @pytest.mark.parametrize("tile_pixels", [4 * 2**20, 2**16])
 def test_detections_equal_the_numpy_path(engine, pages_, scales, tile_pixels):
-    card, run = engine.models["digit-detector"].card, engine.runner("digit-detector")
+    card, run = engine.models["digit-detector"].card, engine.bind("digit-detector")
     assert scoring.uses_peak_head(run, card, options.parse())
     for page in pages_:
         head = answers(run, page, card, tile_pixels, scales=scales)
@@ -106,8 +109,8 @@ def test_detections_equal_the_numpy_path(engine, pages_, scales, tile_pixels):
 def test_fixed_tiles_give_the_same_peaks_and_detections(engine, pages_):
     """Tiles of one shape, as CUDA gets them (Engine.tile_side): the same peaks as one pass and the
     same detections as tiles cut to the image, through the peak head and through the maps."""
-    card, run = engine.models["digit-detector"].card, engine.runner("digit-detector")
-    side = fixed_tile_side(card, 2**16)
+    card, run = engine.models["digit-detector"].card, engine.bind("digit-detector")
+    side = card.dense.fixed_tile_side(2**16)
     x = pages_[2][None]  # 640 × 576: 3 × 3 tiles of side² pixels
     whole = dense.tiled_peaks(run.peaks, x, card, 10**9, 0.5)
     fixed = dense.tiled_peaks(run.peaks, x, card, 2**16, 0.5, fixed_side=side)
@@ -130,7 +133,7 @@ def test_the_engine_warms_the_tile_shape(store):
     engine = Engine([open_model("digit-detector:test", card, path, settings)], settings)
     try:
         side = engine.tile_side("digit-detector")
-        assert side == fixed_tile_side(card, 2**16) > 0
+        assert side == card.dense.fixed_tile_side(2**16) > 0
         engine.warm_up()
         assert [1, 1, side, side] in engine.models["digit-detector"].shapes_warmed
     finally:
@@ -143,7 +146,7 @@ def test_the_engine_warms_the_tile_shape(store):
 
 
 def test_maps_and_finer_strides_take_the_numpy_path(engine):
-    card, run = engine.models["digit-detector"].card, engine.runner("digit-detector")
+    card, run = engine.models["digit-detector"].card, engine.bind("digit-detector")
     assert not scoring.uses_peak_head(run, card, options.parse(outputs="detections,scores"))
     assert not scoring.uses_peak_head(run, card, options.parse(stride_factor=2))
     assert not scoring.uses_peak_head(lambda x: run(x), card, options.parse())
@@ -151,17 +154,15 @@ def test_maps_and_finer_strides_take_the_numpy_path(engine):
 
 def test_a_model_without_the_head_takes_the_numpy_path(store, pages_):
     """A detector exported before the head (its card has no `peaks`): the numpy path in score_page,
-    and Engine.run_peaks answers from its scores in numpy."""
+    and Engine.infer_blocking answers from its scores in numpy."""
     path, card = stored(store, "digit-detector")
-    card = {**card, "onnx": {**card["onnx"], "heads": {k: v for k, v in card["onnx"]["heads"].items()
-                                                      if k != "peaks"}}}
+    card = replace(card, onnx=replace(card.onnx, heads=replace(card.onnx.heads, peaks=None)))
     old = Engine([open_model("digit-detector:old", card, path, SETTINGS)], SETTINGS)
     try:
-        assert not scoring.uses_peak_head(old.runner("digit-detector"), card, options.parse())
+        assert not scoring.uses_peak_head(old.bind("digit-detector"), card, options.parse())
         x = pages_[0][None, None]
-        cells, _ = old.run_peaks("digit-detector", x, 0.8)
-        ref_cells, _ = dense.reference_peaks(old.run("digit-detector", x), card["labels"].index("background"),
-                                             0.8)
+        cells, _ = old.infer_blocking("digit-detector", x, "peaks", 0.8)
+        ref_cells, _ = reference_peaks(old.infer_blocking("digit-detector", x), card.background, 0.8)
         assert np.array_equal(cells, ref_cells) and len(cells)
     finally:
         old.close()
@@ -173,11 +174,11 @@ def test_peaks_of_a_batch_go_to_their_images(engine, pages_):
     model: Model = engine.models["digit-detector"]
     page = pages_[0]
     x = np.stack([page, page[::-1], page[:, ::-1]])[:, None].copy()
-    cells, _ = engine.run_peaks("digit-detector", x, 0.8)
+    cells, _ = engine.infer_blocking("digit-detector", x, "peaks", 0.8)
     for n in range(3):
-        alone, _ = engine.run_peaks("digit-detector", x[n : n + 1], 0.8)
+        alone, _ = engine.infer_blocking("digit-detector", x[n : n + 1], "peaks", 0.8)
         assert np.array_equal(cells[cells[:, 0] == n][:, 1:], alone[:, 1:])
-    assert np.array_equal(model.infer(x, {"peaks"}, {"threshold": 0.8})["peaks"][0], cells)
+    assert np.array_equal(model.infer(x, {"peaks"}, threshold=0.8)["peaks"][0], cells)
 
 
 def test_score_map_answers_the_same_detections_through_the_server(server, pages_):

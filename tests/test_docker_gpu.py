@@ -11,7 +11,7 @@ import tomllib
 
 from conftest import ROOT
 
-from service.engine import cuda
+from service.engine import provider as cuda
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 

@@ -16,14 +16,17 @@ import pytest
 from conftest import ROOT
 
 from loadtest.servers import Server
-from service.engine import cuda, sessions
+from modelcard import ModelCard
+from service.engine import provider as cuda
+from service.engine import sessions
 from service.settings import Settings
 
-TINY_CARD = {"name": "probe", "arch": "probe", "labels": ["a"],
+TINY = {"name": "probe", "arch": "probe", "labels": ["a"],
              "input": {"channels": 1, "mode": "L", "height": 4, "width": 4, "scale": 1 / 255,
                        "mean": [0.0], "std": [1.0]},
              "dense": {"window": 2, "stride": 1, "offset": 0, "receptive_field": 3, "exact": True},
              "onnx": {"input": "x", "output": "y"}}
+TINY_CARD = ModelCard.from_dict(TINY)
 # What onnxruntime-gpu 1.31.1 wrote to stderr on this machine (no CUDA libraries), captured for real
 # (PYTHONPATH=<the wheel unpacked> python -m service.engine.cuda).
 REAL_LINES = [
@@ -59,8 +62,8 @@ def test_the_probe_model_is_what_onnx_builds():
 
 
 def test_cuda_required_and_a_session_on_cpu_is_an_error_with_onnxruntimes_words(cuda_listed):
-    with pytest.raises(sessions.ProviderError) as caught:
-        sessions.create_session(cuda.PROBE_MODEL, Settings(providers="cuda", threads=1))
+    with pytest.raises(cuda.ProviderError) as caught:
+        cuda.create_session(cuda.PROBE_MODEL, Settings(providers="cuda", threads=1))
     message = str(caught.value)
     assert "runs on CPUExecutionProvider" in message
     assert "not in available provider names" in message  # onnxruntime's own words
@@ -74,7 +77,7 @@ def test_auto_and_a_session_on_cpu_warns_in_the_log_and_in_models(cuda_listed, t
     assert model.provider == "CPUExecutionProvider"
     assert "did not load" in model.describe()["provider_warning"]
     assert any("did not load" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    scores = model.run(np.ones((1, 1, 4, 4), np.uint8))
+    scores = model.infer(np.ones((1, 1, 4, 4), np.uint8))["scores"]
     assert scores.shape == (1, 1, 2, 2)
 
 
@@ -109,7 +112,7 @@ def test_the_probe_reports_the_provider_as_json():
     import subprocess
 
     env = {**os.environ, "CONVSERVE_PROVIDERS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "service.engine.cuda"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "service.engine.provider"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(done.stdout) == {"provider": "CPUExecutionProvider", "error": ""}
 

@@ -12,8 +12,9 @@ import pytest
 
 from export.__main__ import main as export_main
 from export.card import read_embedded
+from modelcard import ModelCard
+from modelcard.reference import softmax
 from models import pages
-from service import dense
 from service.engine import Engine
 from service.engine.sessions import Model, open_model
 from service.settings import Settings
@@ -34,7 +35,7 @@ def exported(trained_lenet, tmp_path_factory):
 
 
 def model(path) -> Model:
-    return open_model("digits:test", read_embedded(path), str(path), SETTINGS)
+    return open_model("digits:test", ModelCard.from_dict(read_embedded(path)), str(path), SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +65,13 @@ def test_uint8_pixels_give_the_float_paths_scores_on_real_digits(exported, digit
     new, old = model(exported / "new" / "digits.onnx"), model(exported / "old" / "digits.onnx")
     assert new.takes_pixels and not old.takes_pixels
     for pixels in (window, page):
-        reference = old.run(old.input.normalize(pixels))  # the numpy normalization, float graph
+        reference = old.infer(old.input.normalize(pixels))["scores"]  # the numpy normalization, float graph
         scale = np.abs(reference).max()
-        np.testing.assert_allclose(new.run(pixels), reference, rtol=0, atol=1e-5 * scale)
-        np.testing.assert_allclose(old.run(pixels), reference, rtol=0, atol=1e-5 * scale)  # old card
+        np.testing.assert_allclose(new.infer(pixels)["scores"], reference, rtol=0, atol=1e-5 * scale)
+        # the old card
+        np.testing.assert_allclose(old.infer(pixels)["scores"], reference, rtol=0, atol=1e-5 * scale)
         # float32 input, already normalized, still works on the new graph
-        np.testing.assert_allclose(new.run(new.input.normalize(pixels)), reference, rtol=0,
+        np.testing.assert_allclose(new.infer(new.input.normalize(pixels))["scores"], reference, rtol=0,
                                    atol=1e-5 * scale)
 
 
@@ -80,15 +82,15 @@ def test_topk_in_the_graph_equals_numpy_softmax_and_argsort(exported, digits):
     old_engine = Engine([old], SETTINGS)
     try:
         async def both():
-            return (await engine.submit_topk("digits", window[:64], 3),
-                    await old_engine.submit_topk("digits", window[:64], 3))
+            return (await engine.infer("digits", window[:64], "topk", k=3),
+                    await old_engine.infer("digits", window[:64], "topk", k=3))
 
         (values, indices), (old_values, old_indices) = asyncio.run(both())
-        scores = engine.run("digits", window[:64])
+        scores = engine.infer_blocking("digits", window[:64])
     finally:
         engine.close()
         old_engine.close()
-    probs = dense.softmax(scores[:, :, 0, 0], axis=1)  # what ConvServe.classify computed before
+    probs = softmax(scores[:, :, 0, 0], axis=1)  # what ConvServe.classify computed before
     top = np.argsort(-probs, axis=1)[:, :3]
     assert values.shape == indices.shape == (64, 3)
     margin = -np.diff(-np.sort(-probs, axis=1)[:, :4], axis=1).min(axis=1)  # gap to the next class
@@ -106,19 +108,20 @@ def test_a_k_beyond_the_head_and_mixed_batches(exported, digits):
     path = exported / "heads-k2.onnx"
     card = read_embedded(exported / "new" / "digits.onnx")
     card["onnx"]["heads"]["classify"]["k"] = 2  # the graph returns 10; the engine must not ask past 2
+    card = ModelCard.from_dict(card)
     path.write_bytes((exported / "new" / "digits.onnx").read_bytes())
     engine = Engine([open_model("digits:k2", card, str(path), SETTINGS)], SETTINGS)
     try:
         async def mixed():
-            return await asyncio.gather(engine.submit("digits", window[:5]),
-                                        engine.submit_topk("digits", window[5:9], 2),
-                                        engine.submit_topk("digits", window[9:12], 4))
+            return await asyncio.gather(engine.infer("digits", window[:5]),
+                                        engine.infer("digits", window[5:9], "topk", k=2),
+                                        engine.infer("digits", window[9:12], "topk", k=4))
 
         scores, (v2, i2), (v4, i4) = asyncio.run(mixed())
     finally:
         engine.close()
     assert scores.shape == (5, 10, 1, 1) and v2.shape == (4, 2) and v4.shape == (3, 4)
-    probs = dense.softmax(engine.models["digits"].run(window[9:12])[:, :, 0, 0], axis=1)
+    probs = softmax(engine.models["digits"].infer(window[9:12])["scores"][:, :, 0, 0], axis=1)
     np.testing.assert_allclose(v4, -np.sort(-probs, axis=1)[:, :4], atol=1e-6)
 
 
@@ -131,7 +134,7 @@ def test_fp16_agrees_with_fp32_on_real_digits_and_says_so_in_its_card(exported, 
     window, page = digits
     fp16, fp32 = model(exported / "new" / "digits-fp16.onnx"), model(exported / "new" / "digits.onnx")
     for pixels in (window[:256], page):
-        a, b = fp16.run(pixels), fp32.run(pixels)
+        a, b = fp16.infer(pixels)["scores"], fp32.infer(pixels)["scores"]
         assert a.dtype == np.float32 and np.abs(a - b).max() / np.abs(b).max() < 1e-2
         assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
     int8 = read_embedded(exported / "new" / "digits-int8.onnx")
@@ -142,18 +145,21 @@ def test_io_binding_gives_the_same_answers_and_keeps_each_batchs_own(exported, d
     """CONVSERVE_IO_BINDING=on runs the CUDA binding code on a CPU: reused buffers, same numbers."""
     window, page = digits
     path = exported / "new" / "digits.onnx"
-    bound = open_model("digits:b", read_embedded(path), str(path), Settings(threads=1, io_binding="on"))
+    bound = open_model("digits:b", ModelCard.from_dict(read_embedded(path)), str(path),
+                       Settings(threads=1, io_binding="on"))
     plain = model(path)
     assert bound.binder is not None and plain.binder is None and bound.describe()["io_binding"]
     first = bound.infer(window[:8], {"scores", "topk"})
     second = bound.infer(window[8:16], {"topk"})  # the same buffers: `first` must not change
-    np.testing.assert_array_equal(first["scores"], plain.run(window[:8]))
+    np.testing.assert_array_equal(first["scores"], plain.infer(window[:8])["scores"])
     for got, rows in ((first["topk"], window[:8]), (second["topk"], window[8:16])):
         expected = plain.infer(rows, {"topk"})["topk"]
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
-    np.testing.assert_array_equal(bound.run(page), plain.run(page))  # dense: not bound, the same
-    np.testing.assert_array_equal(bound.run(bound.input.normalize(window[:4])), plain.run(window[:4]))
+    # dense: not bound, the same
+    np.testing.assert_array_equal(bound.infer(page)["scores"], plain.infer(page)["scores"])
+    np.testing.assert_array_equal(bound.infer(bound.input.normalize(window[:4]))["scores"],
+                                  plain.infer(window[:4])["scores"])
 
 
 def test_the_datapath_bench_runs(store, tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.alexnet import AlexNet
 from models.allconv import AllConvNet
-from models.registry import build, get_arch, list_archs
+from models.registry import build, get_arch, list_archs, to_tensor
 
 # torchvision.models.alexnet().state_dict(): key → shape, pinned here so torchvision is not needed.
 TORCHVISION_ALEXNET = {
@@ -60,6 +60,6 @@ def test_unknown_arch_names_the_choices():
 
 def test_input_spec_normalizes_like_the_card_says():
     spec = get_arch("lenet5-relu").input
-    x = spec.to_tensor(torch.full((1, 28, 28), 255, dtype=torch.uint8).numpy())
+    x = to_tensor(spec, torch.full((1, 28, 28), 255, dtype=torch.uint8).numpy())
     assert x.shape == (1, 1, 28, 28)
     assert torch.allclose(x, torch.tensor((1 - 0.1307) / 0.3081))

@@ -22,8 +22,9 @@ NEW_VERSION = """
 import bentoml
 from pathlib import Path
 from export.card import save_to_store
+from modelcard import ModelCard
 stored = bentoml.models.get("lenet5")
-print(save_to_store("lenet5", Path(stored.path_of("model.onnx")), dict(stored.info.metadata)))
+print(save_to_store("lenet5", Path(stored.path_of("model.onnx")), ModelCard.from_dict(stored.info.metadata)))
 """
 
 

@@ -11,7 +11,7 @@ import torch
 from export.convolutionalize import convolutionalize
 from export.onnx_export import export_onnx
 from models.registry import build
-from service.engine import sessions
+from service.engine import provider as sessions
 from service.settings import Settings
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

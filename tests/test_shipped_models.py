@@ -20,6 +20,7 @@ import yaml
 from conftest import PYTHON, ROOT
 from PIL import Image
 
+from modelcard import ModelCard
 from service.engine.sessions import open_model
 from service.settings import Settings
 
@@ -74,7 +75,7 @@ def fresh_store(tmp_path_factory):
 def shipped(fresh_store):
     home, _ = fresh_store
     stored = read_store(home, SHIPPED)
-    return {name: (s, open_model(s["tag"], s["card"], s["onnx"], Settings(threads=1)))
+    return {name: (s, open_model(s["tag"], ModelCard.from_dict(s["card"]), s["onnx"], Settings(threads=1)))
             for name, s in stored.items()}
 
 
@@ -144,7 +145,7 @@ def test_cards_are_complete_and_match_the_onnx_files(shipped):
 
 def held_out_accuracy(model, mnist) -> float:
     _, held = mnist
-    scores = model.run(held.images[:, None])  # uint8 (N, 1, 28, 28): normalized as the card says
+    scores = model.infer(held.images[:, None])["scores"]  # uint8 (N, 1, 28, 28): normalized as the card says
     return float((scores.reshape(len(held.labels), -1).argmax(1) == held.labels).mean())
 
 
@@ -165,4 +166,4 @@ def test_the_readme_example_digit_is_a_held_out_two_and_lenet_says_so(shipped, m
     _, held = mnist
     (index,) = np.flatnonzero((held.images == pixels).all(axis=(1, 2)))
     assert held.labels[index] == 2
-    assert shipped["lenet5"][1].run(pixels[None, None]).reshape(-1).argmax() == 2
+    assert shipped["lenet5"][1].infer(pixels[None, None])["scores"].reshape(-1).argmax() == 2

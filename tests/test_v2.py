@@ -256,8 +256,8 @@ def test_bentoml_client_calls_every_endpoint(server, held, tmp_path):
 
 def test_bytes_tensors_round_trip_and_refuse_cut_data():
     """Triton's BYTES serialization (4-byte little-endian length, then the bytes), without a server."""
-    from service import v2_tensors
-    from service.errors import ServiceError
+    from service.fronts import v2_tensors
+    from service.fronts.asgi import ServiceError
 
     items = [b"", b"\x00\xff", b"png" * 100]
     assert v2_tensors.split_bytes(v2_tensors.join_bytes(items), "x") == items

@@ -1,18 +1,20 @@
 """The engine: one narrow contract between the HTTP fronts and onnxruntime.
 
     engine = Engine.from_store(settings)
-    scores = await engine.submit("lenet5", pixels)    # uint8 (N, C, H, W) → float32 (N, K, h, w)
-    scores = engine.run("digit-detector", tile)       # the same, from a thread that is not the loop
-    cells, scores = engine.run_peaks("digit-detector", page, 0.8)  # a detector's objectness peaks
+    scores = await engine.infer("lenet5", pixels)   # uint8 (N, C, H, W) → float32 (N, K, h, w)
+    probs, classes = await engine.infer("lenet5", pixels, "topk", k=3)   # (N, k) each, best first
+    scores = engine.infer_blocking("digit-detector", tile)   # from a thread that is not the loop
+    cells, scores = engine.infer_blocking("digit-detector", page, "peaks", threshold=0.8)
+    call = engine.bind("digit-detector")   # call(x): scores, call.peaks(x, t): peaks (pipeline/dense.py)
     side = engine.tile_side("digit-detector")                     # dense tiles' one shape, or 0
-    probs, classes = await engine.submit_topk("lenet5", pixels, k)   # (N, k) each, best first
 
-It owns what makes a model call fast and safe, so that no front repeats it: a queue per model and the
+It owns what makes a model call fast and safe, so that nothing above it repeats it: a queue per model and the
 batches formed from it (batcher.py), batch-size buckets (buckets.py), the sessions and their provider
 options (sessions.py), one inference thread per model (worker.py), warm-up, and per-model metrics
 (metrics.py). Inputs are uint8 pixels, normalized here once per batch as the model card says (or fed
 as they are to graphs that normalize them: export/heads.py), or float32 already normalized. The engine
-imports neither BentoML nor Starlette (store.py reads the model store, lazily); the fronts never import
+imports nothing above it (the model card, settings and domain errors only), neither BentoML nor
+Starlette (store.py reads the model store, lazily); the pipeline and the fronts never import
 onnxruntime.
 """
 
@@ -24,14 +26,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.card import fixed_tile_side
+from modelcard.reference import topk
 from service.engine import metrics
-from service.engine.batcher import Overloaded  # noqa: F401 - the fronts catch it as engine.Overloaded
 from service.engine.buckets import bucket_sizes
 from service.engine.metrics import Batch
-from service.engine.sessions import CUDA, Model, topk
+from service.engine.provider import CUDA
+from service.engine.sessions import Model, Output
+from service.engine.store import check_store
 from service.engine.worker import ModelWorker
 from service.settings import Settings
+
+__all__ = ["BoundModel", "Engine", "Model", "Output", "check_store"]
 
 
 class Engine:
@@ -62,42 +67,48 @@ class Engine:
     def models(self) -> dict[str, Model]:
         return {name: worker.model for name, worker in self.workers.items()}
 
-    async def submit(self, model: str, x: np.ndarray) -> np.ndarray:
-        """Scores of x (N, C, H, W), batched with whatever else waits for `model`. A cancelled caller's
-        images are dropped from the queue if they have not started. Raises batcher.Overloaded when the
-        model's queue is past its bound (CONVSERVE_MAX_QUEUE_MS), at once or once it has waited that
-        long."""
-        futures = self.workers[model].submit(x, shed=True)
-        if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
-            return await asyncio.wrap_future(futures[0])
-        return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+    async def infer(self, model: str, x: np.ndarray, output: Output = "scores",
+                    k: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """x (N, C, H, W) through `model`, batched with whatever else waits for it; sheds: raises
+        errors.Overloaded when the model's queue is past its bound (CONVSERVE_MAX_QUEUE_MS), at once
+        or once it has waited that long. A cancelled caller's images are dropped from the queue if
+        they have not started.
 
-    async def submit_topk(self, model: str, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k most probable classes of each window-size image of x: (probabilities (N, k), class
-        indices (N, k)), best first, ties in class order. From the graph's top-k head where the model
-        has one that reaches k (only those numbers leave the device), else from its scores in numpy:
-        the same answers either way (tests/test_heads.py)."""
-        if k > self.workers[model].model.topk_k > 0:  # a head, but too short for this k
-            return topk((await self.submit(model, x))[:, :, 0, 0], k)
-        futures = self.workers[model].submit(x, shed=True, want="topk")
+        output="scores": (N, K, h, w). output="topk": the k most probable classes of each window-size
+        image, (probabilities (N, k), class indices (N, k)), best first, ties in class order; from
+        the graph's top-k head where the model has one that reaches k (only those numbers leave the
+        device), else from its scores in numpy: the same answers (tests/test_heads.py)."""
+        if output == "scores":
+            futures = self.workers[model].enqueue(x, shed=True)
+            if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
+                return await asyncio.wrap_future(futures[0])
+            return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+        if output != "topk":
+            raise ValueError(f"Engine.infer answers scores or topk, not {output!r}: peaks come from "
+                             f"infer_blocking in a dense pipeline's thread")
+        if k > self.workers[model].model.card.topk_k > 0:  # a head, but too short for this k
+            return topk((await self.infer(model, x))[:, :, 0, 0], k)
+        futures = self.workers[model].enqueue(x, shed=True, output="topk")
         parts = await asyncio.gather(*map(asyncio.wrap_future, futures))
         values = np.concatenate([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
         indices = np.concatenate([i for _, i in parts]) if len(parts) > 1 else parts[0][1]
         if values.shape[1] < k:  # a version with a shorter head was rolled out meanwhile
-            return topk((await self.submit(model, x))[:, :, 0, 0], k)
+            return topk((await self.infer(model, x))[:, :, 0, 0], k)
         return values[:, :k], indices[:, :k]
 
-    def run(self, model: str, x: np.ndarray) -> np.ndarray:
-        """The same as submit, blocking: for pipelines running in a thread (dense tiles)."""
-        parts = [f.result() for f in self.workers[model].submit(x)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def run_peaks(self, model: str, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """A detector's objectness peaks in x (N, C, H, W), blocking: (cells (M, 3) as (n, y, x),
-        their raw class scores (M, K)), from the graph's peak head (only those leave the device), else
-        from the scores in numpy (sessions.Model.infer)."""
-        parts = [f.result() for f in self.workers[model].submit(x, want="peaks",
-                                                               params={"threshold": float(threshold)})]
+    def infer_blocking(self, model: str, x: np.ndarray, output: Output = "scores",
+                       threshold: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """As infer, blocking and never shed: for dense pipelines running in a thread (tiles).
+        output="peaks": a detector's objectness peaks at `threshold`, (cells (M, 3) as (n, y, x), their
+        raw class scores (M, K)), from the graph's peak head (only those leave the device), else from
+        the scores in numpy (sessions.Model.infer)."""
+        if output == "scores":
+            parts = [f.result() for f in self.workers[model].enqueue(x)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if output != "peaks":
+            raise ValueError(f"Engine.infer_blocking answers scores or peaks, not {output!r}")
+        parts = [f.result() for f in self.workers[model].enqueue(x, output="peaks",
+                                                                threshold=float(threshold))]
         step = self.workers[model].queue.max_items  # each part's n counts from its own first row
         cells = [c + np.array([i * step, 0, 0], c.dtype) for i, (c, _) in enumerate(parts)]
         return (cells[0], parts[0][1]) if len(parts) == 1 else (np.concatenate(cells),
@@ -105,7 +116,7 @@ class Engine:
 
     def tile_side(self, model: str) -> int:
         """The side of the one tile shape dense pipelines cut `model`'s large images into
-        (service/dense.py tiles()), warmed at start; 0: tiles cut to the image (CONVSERVE_FIXED_TILES;
+        (pipeline/dense.py tiles()), warmed at start; 0: tiles cut to the image (CONVSERVE_FIXED_TILES;
         auto: on CUDA)."""
         return self._tile_side(self.workers[model].model)
 
@@ -113,15 +124,15 @@ class Engine:
         mode = self.settings.fixed_tiles
         if mode == "off" or (mode == "auto" and model.provider != CUDA):
             return 0
-        return fixed_tile_side(model.card, self.settings.tile_pixels)
+        return model.card.dense.fixed_tile_side(self.settings.tile_pixels)
 
     def _dense_sides(self, model: Model) -> list[int]:
         """The dense shapes warmed: a small page, and the tile shape where tiles have one."""
         side = self._tile_side(model)
         return [4 * model.window, side] if side else [4 * model.window]
 
-    def runner(self, model: str) -> Runner:
-        return Runner(self, model)
+    def bind(self, model: str) -> BoundModel:
+        return BoundModel(self, model)
 
     def warm_up(self) -> None:
         for worker in self.workers.values():
@@ -147,15 +158,15 @@ class Engine:
             worker.close()
 
 
-class Runner:
-    """One model's blocking calls for dense pipelines in a thread: called, the scores (Engine.run);
-    .peaks(x, threshold), a detector's peaks (Engine.run_peaks; service/dense.py RunPeaks)."""
+class BoundModel:
+    """One model's blocking calls for dense pipelines in a thread (pipeline/dense.py Infer and
+    InferPeaks): called, the scores; .peaks(x, threshold), a detector's peaks (Engine.infer_blocking)."""
 
     def __init__(self, engine: Engine, model: str) -> None:
         self.engine, self.model = engine, model
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.run(self.model, x)
+        return self.engine.infer_blocking(self.model, x)
 
     def peaks(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        return self.engine.run_peaks(self.model, x, threshold)
+        return self.engine.infer_blocking(self.model, x, "peaks", threshold)

@@ -3,7 +3,7 @@
 Policy: a batch closes as soon as the model is free (plus `wait_s`, default 0). At low load a request
 runs alone with no added latency; under load requests queue while the model is busy and the next batch
 takes all of them, up to `max_items` images: batch size adapts to load. A batch holds requests of one
-item shape (and params) only (a dense tile never joins a batch of digits); requests of other shapes
+item shape (and threshold) only (a dense tile never joins a batch of digits); requests of other shapes
 keep their place in the queue.
 
 Shedding: a request that would wait longer than `max_queue_s` is refused at once with `Overloaded`
@@ -28,13 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-
-class Overloaded(RuntimeError):
-    """The model's queue is longer than its bound: try again in `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+from service.engine.sessions import Output
+from service.errors import Overloaded
 
 
 class Request(NamedTuple):
@@ -42,8 +37,8 @@ class Request(NamedTuple):
     future: Future  # receives the scores (n, K, h, w), or the model's exception
     enqueued: float  # time.perf_counter() at submit
     shed: bool  # may be failed with Overloaded once it has waited max_queue_s
-    want: str = "scores"  # which output it receives: "scores", "topk" or "peaks" (sessions.Model.infer)
-    params: dict | None = None  # what the call needs beside x (peaks: the threshold); one per batch
+    output: Output = "scores"  # which output it receives (sessions.Model.infer)
+    threshold: float | None = None  # peaks: what the call needs beside x; one per batch
 
 
 class BatchQueue:
@@ -55,11 +50,11 @@ class BatchQueue:
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, x: np.ndarray, shed: bool = False, want: str = "scores",
-            params: dict | None = None) -> Future:
+    def put(self, x: np.ndarray, shed: bool = False, output: Output = "scores",
+            threshold: float | None = None) -> Future:
         if len(x) > self.max_items:
             raise ValueError(f"{len(x)} items in one request; split it into at most {self.max_items}")
-        request = Request(x, Future(), time.perf_counter(), shed, want, params)
+        request = Request(x, Future(), time.perf_counter(), shed, output, threshold)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
@@ -135,5 +130,5 @@ class BatchQueue:
 
 
 def _key(request: Request) -> tuple:
-    """What the requests of one batch share: item shape, dtype, and the call's params."""
-    return request.x.shape[1:], request.x.dtype, tuple(sorted((request.params or {}).items()))
+    """What the requests of one batch share: item shape, dtype, and the call's threshold."""
+    return request.x.shape[1:], request.x.dtype, request.threshold

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from service.engine import cuda
-from service.engine.sessions import Model, ProviderError, open_model, providers, wants_cuda
+from modelcard import ModelCard
+from service.engine import provider
+from service.engine.provider import ProviderError, providers, wants_cuda
+from service.engine.sessions import Model, open_model
 from service.settings import Settings
 
 # Set once the provider was checked in this process, so the server's workers (which import the service
@@ -37,14 +39,14 @@ def check_store(tags: list[str], settings: Settings | None = None) -> None:
 
 
 def check_provider(settings: Settings) -> None:
-    """CUDA wanted: can a session run on it? (cuda.check_at_start: a probe in a subprocess.)"""
+    """CUDA wanted: can a session run on it? (provider.check_at_start: a probe in a subprocess.)"""
     if not wants_cuda(settings) or os.environ.get(_CHECKED):
         return
     try:
         providers(settings)
     except ProviderError as e:
         raise SystemExit(f"error: {e}") from None
-    cuda.check_at_start()
+    provider.check_at_start()
     os.environ[_CHECKED] = "1"
 
 
@@ -54,4 +56,5 @@ def load(tag: str, settings: Settings) -> Model:
     import bentoml
 
     stored = bentoml.models.get(tag)
-    return open_model(str(stored.tag), dict(stored.info.metadata), stored.path_of("model.onnx"), settings)
+    card = ModelCard.from_dict(dict(stored.info.metadata), f"{stored.tag}'s card")
+    return open_model(str(stored.tag), card, stored.path_of("model.onnx"), settings)

@@ -27,7 +27,7 @@ import numpy as np
 from service.engine.batcher import BatchQueue, Request
 from service.engine.buckets import bucket_for, pad, warm_sizes
 from service.engine.metrics import Batch
-from service.engine.sessions import Model
+from service.engine.sessions import Model, Output
 
 log = logging.getLogger("convserve")
 
@@ -40,16 +40,16 @@ class ModelWorker:
         self.thread = threading.Thread(target=self._loop, name=f"infer-{model.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, x: np.ndarray, shed: bool = False, want: str = "scores",
-               params: dict | None = None) -> list[Future]:
-        """(n, C, H, W) → futures of the scores (or of what `want` names, with `params`:
-        sessions.Model.infer) of consecutive slices of at most max_batch_size rows. With `shed`,
-        raises batcher.Overloaded instead of queueing past the queue bound."""
+    def enqueue(self, x: np.ndarray, shed: bool = False, output: Output = "scores",
+                threshold: float | None = None) -> list[Future]:
+        """(n, C, H, W) → futures of the scores (or of `output`, with `threshold`: sessions.Model.infer)
+        of consecutive slices of at most max_batch_size rows. With `shed`, raises errors.Overloaded
+        instead of queueing past the queue bound."""
         step = self.queue.max_items
         futures: list[Future] = []
         try:
             for i in range(0, len(x), step):
-                futures.append(self.queue.put(x[i : i + step], shed, want, params))
+                futures.append(self.queue.put(x[i : i + step], shed, output, threshold))
         except Exception:
             for future in futures:  # all or nothing: the slices already queued are withdrawn
                 future.cancel()
@@ -79,21 +79,18 @@ class ModelWorker:
         n = len(x)
         window = x.shape[1:] == model.window_shape
         size = bucket_for(n, self.buckets) if window else n  # dense images run alone, at their size
-        if x.dtype == np.uint8 and not getattr(model, "takes_pixels", False):
+        if x.dtype == np.uint8 and not model.card.takes_pixels:
             x = model.input.normalize(x)  # once per batch, vectorized; newer graphs normalize inside
         x = pad(x, size)
-        wants = {request.want for request in batch}
+        wanted = {request.output for request in batch}  # only these leave the device
         started = time.perf_counter()
-        if wants == {"scores"}:
-            outputs = {"scores": model.run(x)}  # (size, K, h, w)
-        else:  # only these leave the device
-            outputs = model.infer(x, wants, batch[0].params)
+        outputs = model.infer(x, wanted, batch[0].threshold)  # scores: (size, K, h, w)
         finished = time.perf_counter()
         if window:
             self.queue.observe(n, finished - started)
         row = 0
         for request in batch:
-            request.future.set_result(_rows(outputs[request.want], request.want, row, len(request.x)))
+            request.future.set_result(_rows(outputs[request.output], request.output, row, len(request.x)))
             row += len(request.x)
         try:
             self.observe(Batch(model.name, "window" if window else "dense", n, size,
@@ -112,9 +109,9 @@ class ModelWorker:
         for _ in range(rounds):
             for shape in shapes:
                 x = np.zeros(shape, np.uint8)
-                model.run(x)
-                if model.peaks_head and shape[2:] != model.window_shape[1:]:
-                    model.infer(x, {"peaks"}, {"threshold": 1.0})
+                model.infer(x)
+                if model.card.has_peak_head and shape[2:] != model.window_shape[1:]:
+                    model.infer(x, {"peaks"}, threshold=1.0)
         model.warmup_ms = round((time.perf_counter() - started) * 1000, 1)
         model.shapes_warmed = [list(s) for s in shapes]
         log.info("warmed up %s in %.0f ms (%d shapes)", model.tag, model.warmup_ms, len(shapes))
@@ -128,15 +125,15 @@ class ModelWorker:
         for what in ("input", "window_shape"):
             if getattr(model, what) != getattr(old, what):
                 raise ValueError(f"{model.tag} has another {what} than {old.tag}; serve it under a new name")
-        if model.card["labels"] != old.card["labels"]:
+        if model.card.labels != old.card.labels:
             raise ValueError(f"{model.tag} has other labels than {old.tag}; serve it under a new name")
         self.model = model
         return old
 
 
-def _rows(out, want: str, start: int, count: int):
+def _rows(out, output: Output, start: int, count: int):
     """A request's share of a batch's output: its rows (padding rows belong to nobody)."""
-    if want == "peaks":  # cells (M, 3) of the whole batch, image index first: this request's, renumbered
+    if output == "peaks":  # cells (M, 3) of the whole batch, image index first: this request's, renumbered
         cells, scores = out
         mine = (cells[:, 0] >= start) & (cells[:, 0] < start + count)
         return cells[mine] - np.array([start, 0, 0], cells.dtype), scores[mine]

@@ -2,7 +2,7 @@
 
 BentoML documents only its own @api routes, with 200/400/404/500 in error schemas we never send. This
 adds what it cannot know: POST /classify and GET /models (served outside BentoML's API machinery), every
-status each route can answer in our one error schema (service/errors.py), Retry-After on 429/503, and
+status each route can answer in our one error schema (fronts/asgi.py), Retry-After on 429/503, and
 the bearer scheme when API keys are set. schemathesis checks the result against the live server in
 `make test` (tests/test_reliability.py).
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from service import multipart
-from service.errors import ServiceError
-from service.gate import read_body, replay
+from service.fronts import multipart
+from service.fronts.asgi import ServiceError, header_bytes
+from service.fronts.gate import read_body, replay
 from service.settings import Settings
 
 ERROR = {
@@ -194,7 +194,7 @@ class OpenAPIRoute:
 
 def check_media_type(scope, accepted: set[str]) -> bytes:
     """The request's Content-Type, if its media type is one the route accepts (415 otherwise)."""
-    content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+    content_type = header_bytes(scope, b"content-type")
     mime = content_type.partition(b";")[0].strip().lower().decode("latin-1")
     if mime not in accepted:
         raise ServiceError(415, f"Content-Type {mime or '(none)'!r} is not accepted here; send "

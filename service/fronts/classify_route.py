@@ -7,7 +7,7 @@ in one pass over the body: read (bounded) → parse multipart (python-multipart,
 uses, without temp files) → decode → batch → encode, and answers every error in our JSON shape.
 It also never treats a form field as a URL to download (BentoML's `Path` inputs do).
 
-It is added with `add_asgi_middleware`, just inside service/gate.py (which has already checked the API
+It is added with `add_asgi_middleware`, just inside fronts/gate.py (which has already checked the API
 key, read the body and admitted the request) and outside BentoML's own. Every other path falls through
 to BentoML.
 """
@@ -18,22 +18,26 @@ import json
 import logging
 import time
 
-import bentoml
-from prometheus_client import Histogram
 from python_multipart.multipart import parse_options_header
 
-from service import multipart
-from service.errors import ServiceError, body
-from service.gate import REQUEST_ID, read_body
+from service.errors import DomainError
+from service.fronts import multipart
+from service.fronts.asgi import REQUEST_SECONDS, PlaneHandle, ServiceError, body, header_bytes, send_json
+from service.fronts.gate import REQUEST_ID, read_body
+from service.pipeline.dataplane import Classification
 
 log = logging.getLogger("convserve")
 FIELDS = ("image", "model", "top_k", "invert")
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
-REQUEST_SECONDS = Histogram(
-    name="convserve_request_seconds", documentation="POST /classify handling time, by status",
-    labelnames=["endpoint", "status"], buckets=(5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
-                                                0.5, 1, 2.5, 10))
+
+def encode(result: Classification) -> dict:
+    """The answer of /classify and /classify_base64."""
+    labels = result.card.labels
+    return {"model": result.card.name, "version": result.card.version, "predictions": [
+        {"filename": name, "top_k": [{"label": labels[k], "probability": round(float(p), 6)}
+                                     for p, k in zip(ps, ks, strict=True)]}
+        for name, ps, ks in zip(result.names, result.probabilities, result.classes, strict=True)]}
 
 
 def parse_form(content_type: bytes, data: bytes) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
@@ -82,8 +86,8 @@ def parse_options(fields: dict[str, str]) -> tuple[str, int, bool]:
 class ClassifyRoute:
     """ASGI middleware that answers POST /classify itself; see the module docstring."""
 
-    def __init__(self, app, max_request_bytes: int, path: str = "/classify") -> None:
-        self.app, self.limit, self.path = app, max_request_bytes, path
+    def __init__(self, app, plane: PlaneHandle, max_request_bytes: int, path: str = "/classify") -> None:
+        self.app, self.plane, self.limit, self.path = app, plane, max_request_bytes, path
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
@@ -95,11 +99,11 @@ class ClassifyRoute:
                 headers = {"allow": "POST"}
                 raise ServiceError(405, f"{self.path} takes POST (multipart/form-data)")
             data = await read_body(scope, receive, self.limit)
-            content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-            fields, files = parse_form(content_type, data)
+            fields, files = parse_form(header_bytes(scope, b"content-type"), data)
             model, top_k, invert = parse_options(fields)
-            payload = await bentoml.get_current_service().classify_images(files, model, top_k, invert)
-        except ServiceError as e:
+            payload = encode(await self.plane().classify(files, model, top_k, invert))
+        except (DomainError, ServiceError) as error:
+            e = ServiceError.of(error)
             status, payload = e.status, body(e.status, e.type, e.message)
             headers = {**headers, **e.headers()}
         except ConnectionResetError:
@@ -107,10 +111,5 @@ class ClassifyRoute:
         except Exception:  # noqa: BLE001 - a bug still gets our JSON shape, and the log gets the trace
             log.exception("POST %s failed (request_id=%s)", self.path, REQUEST_ID.get())
             status, payload = 500, body(500, "internal_error", "internal error; see the server log")
-        out = json.dumps(payload, ensure_ascii=False).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(out)).encode()),
-                                *((k.encode(), v.encode()) for k, v in headers.items())]})
-        await send({"type": "http.response.body", "body": out})
+        await send_json(send, status, payload, headers)
         REQUEST_SECONDS.labels(endpoint=self.path, status=str(status)).observe(time.perf_counter() - started)

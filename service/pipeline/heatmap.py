@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.dense import Map
+from service.pipeline.dense import Map
 
 
 def hot(v: np.ndarray) -> np.ndarray:

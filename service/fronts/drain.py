@@ -18,14 +18,15 @@ import os
 import signal
 import time
 
-from service.gate import Traffic
+from service.fronts.gate import Traffic
+from service.pipeline.dataplane import Dataplane
 
 log = logging.getLogger("convserve")
 
 
-def install(traffic: Traffic, timeout_s: float) -> None:
+def install(traffic: Traffic, plane: Dataplane, timeout_s: float) -> None:
     """Take over SIGTERM in this worker; call from the event loop, in the main thread, after uvicorn
-    installed its handlers (a service's __init__ runs then)."""
+    installed its handlers (a service's __init__ runs then). Draining makes plane.ready false."""
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGTERM)
     tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
@@ -45,9 +46,9 @@ def install(traffic: Traffic, timeout_s: float) -> None:
         leave(signum, frame)
 
     def on_sigterm(signum, frame) -> None:
-        if traffic.draining:
+        if plane.draining:
             return leave(signum, frame)
-        traffic.draining = True
+        plane.draining = True
         log.warning("SIGTERM: /readyz now says 503; draining %d requests in flight (at most %g s)",
                     traffic.in_flight, timeout_s)
         loop.call_soon_threadsafe(lambda: tasks.add(loop.create_task(drain(signum, frame))))

@@ -14,7 +14,7 @@ decides holds for every route (/classify's raw handler and BentoML's APIs alike)
                 running, `max_dense_queue` waiting) get 503 beyond it, also before their body is
                 read (the engine sheds too: 503 when a model's queue is full)
     deadline    a request not answered within `timeout_s` gets 504 (its queued work is cancelled)
-    errors      every status ≥ 400 in service/errors.py's one JSON shape, with the request ID
+    errors      every status ≥ 400 in fronts/asgi.py's one JSON shape, with the request ID
 
 Written by hand, and BentoML's own traffic middlewares (max_concurrency, timeout) turned off: BentoML
 places those outside every middleware we can add, they count a request from its first byte (300
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
-from service.errors import TYPES, ServiceError, body, reshape
+from service.fronts.asgi import TYPES, ServiceError, body, header_bytes, reshape
 
 log = logging.getLogger("convserve.access")
 # What an autoscaler should scale on (deploy/overlays/keda): work admitted and not yet answered,
@@ -55,10 +55,9 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 @dataclass
 class Traffic:
-    """What the gate knows of this worker's load; the drain (service/drain.py) reads it."""
+    """What the gate knows of this worker's load; the drain (fronts/drain.py) reads it."""
 
     in_flight: int = 0
-    draining: bool = False
     # EWMA of seconds from admission to answer: about when a slot frees up, so a shed client's
     # Retry-After (rounded up to whole seconds, as HTTP wants)
     latency_s: float = 0.01
@@ -85,8 +84,7 @@ def key_digests(api_keys: str) -> list[bytes]:
 
 def authorized(scope, digests: list[bytes]) -> bool:
     """Bearer token against every key, in constant time: digests of equal length, no early exit."""
-    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-    scheme, _, token = header.partition(b" ")
+    scheme, _, token = header_bytes(scope, b"authorization").partition(b" ")
     offered = hashlib.sha256(token.strip()).digest()
     match = False
     for digest in digests:
@@ -212,7 +210,7 @@ class Gate:
 class Response:
     """The send side: adds X-Request-ID to every response and rewrites error bodies into our shape
     (with the request ID; Retry-After on 429 and 503). Under /v2 the Open Inference Protocol's shape,
-    {"error": "message"}, is kept: its clients read that (service/kserve_v2.py)."""
+    {"error": "message"}, is kept: its clients read that (fronts/kserve_v2.py)."""
 
     def __init__(self, send, rid: str, protocol_errors: bool = False) -> None:
         self._send, self.rid, self.protocol_errors = send, rid, protocol_errors

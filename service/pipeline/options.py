@@ -1,11 +1,12 @@
 """The options of /score_map, validated in one place. Multipart form fields arrive as strings, so the
-list-valued ones are comma-separated ("0.5,1,2"); every mistake becomes a 422 saying what to send."""
+list-valued ones are comma-separated ("0.5,1,2"); every mistake becomes an InvalidInput saying what
+to send."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from service.errors import ServiceError
+from service.errors import InvalidInput
 
 OUTPUTS = {"detections", "argmax", "scores", "heatmap"}
 
@@ -46,4 +47,4 @@ def parse(**fields) -> ScoreOptions:
         return ScoreOptions(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         message = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ServiceError(422, message, "invalid_parameter") from None
+        raise InvalidInput(message, "invalid_parameter") from None

@@ -1,5 +1,5 @@
 """Tensors of the Open Inference Protocol (KServe v2 / Triton HTTP) in and out of HTTP bodies: JSON
-and Triton's binary tensor data extension. numpy only; the front that uses it is service/kserve_v2.py.
+and Triton's binary tensor data extension. numpy only; the front that uses it is fronts/kserve_v2.py.
 
     body = JSON header [+ binary tensors, in input order]   (header length: Inference-Header-Content-Length)
     BYTES element = 4-byte little-endian length + the bytes
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import ServiceError
+from service.fronts.asgi import ServiceError
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
           "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,

@@ -1,8 +1,8 @@
 """Bytes → validated PIL image → uint8 pixels (C, H, W) in the model card's mode and size. The engine
-normalizes them, once per batch (service/card.py).
+normalizes them, once per batch (modelcard InputSpec.normalize).
 
-Every failure is a ServiceError whose message says what to change. The pixel count is checked from
-the header, before any decoding, so a decompression bomb costs nothing.
+Every failure is a domain error (service/errors.py) whose message says what to change. The pixel
+count is checked from the header, before any decoding, so a decompression bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.card import InputSpec
-from service.errors import ServiceError
+from modelcard import InputSpec
+from service.errors import InvalidInput, TooLarge, Unsupported
 
 # Requests with more image bytes than this are decoded and resized in a thread (Pillow releases the GIL
 # there, so it runs beside the event loop); smaller ones inline, where a thread hop (~50–100 µs) would
@@ -33,27 +33,27 @@ Image.MAX_IMAGE_PIXELS = None
 def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     """Open and fully decode one image file, refusing anything we cannot serve correctly."""
     if not data:
-        raise ServiceError(422, f"{name} is empty", "invalid_image")
+        raise InvalidInput(f"{name} is empty", "invalid_image")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ServiceError(415, f"{name} is not an image in a supported format "
-                                f"({', '.join(FORMATS)})", "unsupported_image") from None
+        raise Unsupported(f"{name} is not an image in a supported format "
+                          f"({', '.join(FORMATS)})", "unsupported_image") from None
     except Exception as e:  # noqa: BLE001 - a corrupt header raises many types
-        raise ServiceError(422, f"{name} could not be read: {e}", "invalid_image") from None
+        raise InvalidInput(f"{name} could not be read: {e}", "invalid_image") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ServiceError(413, f"{name} is {width}×{height} = {width * height} pixels, over the limit "
-                                f"of {max_pixels}; downscale it", "image_too_large")
+        raise TooLarge(f"{name} is {width}×{height} = {width * height} pixels, over the limit "
+                       f"of {max_pixels}; downscale it", "image_too_large")
     if image.mode not in MODES:
-        raise ServiceError(415, f"{name} has pixel mode {image.mode!r}; send 8-bit greyscale or RGB(A)",
-                           "unsupported_mode")
+        raise Unsupported(f"{name} has pixel mode {image.mode!r}; send 8-bit greyscale or RGB(A)",
+                          "unsupported_mode")
     try:
         # Truncated data raises (ImageFile.LOAD_TRUNCATED_IMAGES stays False). No warnings-as-errors
         # here: warning filters are process-wide and this runs beside the event loop's threads.
         image.load()
     except Exception as e:  # noqa: BLE001
-        raise ServiceError(422, f"{name} is truncated or corrupt ({e}); send the whole file",
+        raise InvalidInput(f"{name} is truncated or corrupt ({e}); send the whole file",
                            "invalid_image") from None
     return image
 
@@ -63,7 +63,7 @@ def from_base64(text: str, name: str) -> bytes:
     try:
         return base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError):
-        raise ServiceError(422, f"{name} is not valid base64", "invalid_image") from None
+        raise InvalidInput(f"{name} is not valid base64", "invalid_image") from None
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:

@@ -1,4 +1,9 @@
-"""Whether the CUDA provider really loads, and what to do when it does not.
+"""The execution provider: which one a session gets (CUDA when onnxruntime-gpu sees a GPU, else CPU),
+its options, and whether the CUDA provider really loads and what to do when it does not.
+
+CUDA gets cuDNN's conv algorithm search set explicitly and bounded arena growth; CPU gets every graph
+optimization (layout transforms matter: measured ~30 % on AlexNet) and intra-op threads sized so that
+workers × threads = cores.
 
 onnxruntime-gpu lists CUDAExecutionProvider as available whether or not its libraries can load; when
 they cannot (a CUDA 12 image under a CUDA 13 build, no cuDNN, no driver), the session quietly comes up
@@ -9,7 +14,7 @@ What the pinned onnxruntime-gpu needs (pyproject's `gpu` extra; tests/test_docke
 against the wheel's metadata and the Dockerfile's base image): CUDA 13 and cuDNN 9 libraries, an
 NVIDIA driver of the CUDA 13 generation (≥ 580).
 
-    python -m service.engine.cuda        # which provider a session gets here, and why (JSON)
+    python -m service.engine.provider    # which provider a session gets here, and why (JSON)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,6 +30,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+import onnxruntime as ort
+
+from service.settings import Settings
+
+log = logging.getLogger("convserve")
 
 CUDA_MAJOR, CUDNN_MAJOR, MIN_DRIVER = 13, 9, 580
 ADVICE = (f"To fix: the pinned onnxruntime-gpu needs CUDA {CUDA_MAJOR} and cuDNN {CUDNN_MAJOR} libraries "
@@ -34,6 +46,76 @@ ADVICE = (f"To fix: the pinned onnxruntime-gpu needs CUDA {CUDA_MAJOR} and cuDNN
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # "2026-12-02 21:43:54.449 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] message"
 _LOGGED = re.compile(r"^\S+ \S+ \[([EWF]):onnxruntime:[^\]]*\]\s*(.*)$")
+
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+class ProviderError(RuntimeError):
+    """CONVSERVE_PROVIDERS=cuda, and CUDA is not what onnxruntime can run here."""
+
+
+def wants_cuda(settings: Settings) -> bool:
+    return settings.providers == "cuda" or (settings.providers == "auto"
+                                            and CUDA in ort.get_available_providers())
+
+
+def providers(settings: Settings) -> list:
+    if not wants_cuda(settings):
+        return [CPU]
+    if CUDA not in ort.get_available_providers():
+        raise ProviderError("CONVSERVE_PROVIDERS=cuda, but this onnxruntime has no CUDA provider: "
+                            "install the `gpu` extra (onnxruntime-gpu) instead of `cpu`. "
+                            + ADVICE)
+    cuda = {
+        "device_id": settings.cuda_device,
+        # EXHAUSTIVE benchmarks every conv algorithm once per new input shape: worth it for the few
+        # shapes /classify sees (warmed up), costly for arbitrary /score_map sizes; HEURISTIC is the
+        # middle ground and the choice is explicit either way.
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",  # grow by what is asked, not by doubling
+        "gpu_mem_limit": int(settings.cuda_mem_limit_gb * 2**30),
+        "do_copy_in_default_stream": True,
+        "use_tf32": int(settings.cuda_tf32),
+    }
+    return [(CUDA, cuda), CPU]
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin for work by default: with a small model that is a core burnt while the
+    # event loop (decode, HTTP) starves; measured 152 % vs 103 % worker CPU for the same load.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def create_session(model: str | bytes, settings: Settings,
+                   quiet: bool = False) -> tuple[ort.InferenceSession, str]:
+    """The session for `model` (a path or ONNX bytes), and "" or why it runs on CPU although CUDA was
+    wanted (auto). Raises ProviderError for that with CONVSERVE_PROVIDERS=cuda. `quiet`: only errors
+    from the session's own log (for graphs with an optional input: onnxruntime warns about it on every
+    load; export/heads.py). The provider's load errors come from onnxruntime's default log, kept."""
+    options = session_options(settings)
+    if quiet:
+        options.log_severity_level = 3
+    chosen = providers(settings)
+    if chosen == [CPU]:
+        return ort.InferenceSession(model, options, providers=chosen), ""
+    with stderr_captured() as said:
+        session = ort.InferenceSession(model, options, providers=chosen)
+    got = session.get_providers()[0]
+    if got == CUDA:
+        return session, ""
+    why = (f"the CUDA provider did not load, so the session runs on {got}. onnxruntime said: "
+           f"{onnxruntime_said(said)}. {ADVICE}")
+    if settings.providers == "cuda":
+        raise ProviderError(f"CONVSERVE_PROVIDERS=cuda, but {why}")
+    log.warning("CONVSERVE_PROVIDERS=auto: %s", why)
+    return session, why
 
 
 @contextlib.contextmanager
@@ -87,9 +169,6 @@ def probe() -> dict:
     {"provider": the one the session got, "error": why not CUDA, "" when CUDA or CPU was asked for}."""
     import numpy as np
 
-    from service.engine.sessions import ProviderError, create_session
-    from service.settings import Settings
-
     settings = Settings()
     try:
         session, warning = create_session(PROBE_MODEL, settings)
@@ -106,14 +185,9 @@ def check_at_start(timeout_s: float = 120) -> None:
     this process never holds a CUDA context of its own. CONVSERVE_PROVIDERS=cuda and no CUDA →
     SystemExit with onnxruntime's error and what to install; auto → a warning (the workers warn too,
     in the log and in GET /models)."""
-    import logging
-
-    from service.settings import Settings
-
-    log = logging.getLogger("convserve")
     strict = Settings().providers == "cuda"
     try:
-        done = subprocess.run([sys.executable, "-m", "service.engine.cuda"], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "service.engine.provider"], capture_output=True,
                               text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[2])
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:

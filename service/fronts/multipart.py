@@ -1,7 +1,7 @@
 """multipart/form-data bodies parsed in one pass, in memory (python-multipart, the parser Starlette
 uses, without its temp files), with every malformation a 400 in our shape.
 
-Used by /classify to read its form, and by service/openapi.py to refuse malformed bodies before they
+Used by /classify to read its form, and by fronts/openapi.py to refuse malformed bodies before they
 reach BentoML (whose multipart errors came out as 500s).
 """
 
@@ -12,7 +12,7 @@ from typing import NamedTuple
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.errors import ServiceError
+from service.fronts.asgi import ServiceError
 
 
 class Part(NamedTuple):

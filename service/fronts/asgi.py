@@ -1,0 +1,133 @@
+"""What every HTTP front shares: an HTTP error with its status, the one JSON error shape, the REST
+fronts' table from domain errors to statuses, the raw-ASGI plumbing (headers, JSON answers), the
+request-time histogram, and the handle through which every front reaches the data plane.
+
+    {"error": {"status": 422, "type": "invalid_image", "message": "what is wrong and what to change",
+               "request_id": "…"}}
+
+BentoML's own errors (pydantic validation → 400 object, BentoMLException → 400 *list*, unknown route →
+plain text, 500) are rewritten into the same shape by gate.py, which also adds the request ID.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from prometheus_client import Histogram
+
+from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel, Unsupported
+from service.pipeline.dataplane import Dataplane
+
+TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+         415: "unsupported_media_type",
+         422: "invalid_input", 429: "too_many_requests", 500: "internal_error", 503: "unavailable",
+         504: "timeout"}
+# /classify, /classify_base64, /score_map, /models, /admin/models: the domain's errors as statuses
+REST_STATUS: dict[type[DomainError], int] = {InvalidInput: 422, TooLarge: 413, Unsupported: 415,
+                                             UnknownModel: 404, Overloaded: 503}
+
+
+class ServiceError(Exception):
+    """An HTTP answer that is not a success: status, a machine-readable type, and a message that says
+    what to change. `retry_after` (seconds) becomes a Retry-After header (429, 503)."""
+
+    def __init__(self, status: int, message: str, type_: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_ or TYPES.get(status, "error")
+        self.retry_after = retry_after
+
+    @classmethod
+    def of(cls, error: DomainError | ServiceError,
+           table: dict[type[DomainError], int] = REST_STATUS) -> ServiceError:
+        """A domain error as this front's HTTP error (`table`: its statuses); an HTTP error as it is."""
+        if isinstance(error, ServiceError):
+            return error
+        status = next(s for kind, s in table.items() if isinstance(error, kind))
+        return cls(status, error.message, error.kind, error.retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"retry-after": str(max(1, math.ceil(self.retry_after)))}
+
+    def response(self):
+        from starlette.responses import JSONResponse  # BentoML's APIs answer Starlette responses
+
+        return JSONResponse(body(self.status, self.type, self.message), status_code=self.status,
+                            headers=self.headers())
+
+
+def body(status: int, type_: str, message: str, details: object = None) -> dict:
+    error = {"status": status, "type": type_, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def reshape(status: int, raw: bytes) -> dict:
+    """Any error body (ours, BentoML's, plain text) → our shape."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode(errors="replace").strip()
+    if isinstance(parsed, list) and len(parsed) == 1:  # BentoMLException bodies are one-item lists
+        parsed = parsed[0]
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return parsed  # already ours
+    message = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+    details = parsed.get("detail") if isinstance(parsed, dict) else None
+    if status == 400 and isinstance(details, list) and details:
+        message = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details
+                            if isinstance(d, dict))
+    return body(status, TYPES.get(status, "error"), str(message) or f"HTTP {status}", details)
+
+
+def header(scope, name: bytes) -> str | None:
+    """A request header's value (latin-1, as HTTP has it), or None."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
+
+
+def header_bytes(scope, name: bytes) -> bytes:
+    return next((v for k, v in scope["headers"] if k == name), b"")
+
+
+async def send_bytes(send, status: int, out: bytes, headers: dict[str, str]) -> None:
+    """One whole response; `headers` besides Content-Length, in order."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(out)).encode()),
+                            *((k.encode(), v.encode()) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": out})
+
+
+async def send_json(send, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+    """JSON as our REST fronts write it (non-ASCII kept)."""
+    out = json.dumps(payload, ensure_ascii=False).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(out)).encode()),
+                            *((k.encode(), v.encode()) for k, v in (headers or {}).items())]})
+    await send({"type": "http.response.body", "body": out})
+
+
+REQUEST_SECONDS = Histogram(
+    name="convserve_request_seconds", documentation="POST /classify and /v2 infer handling time, by status",
+    labelnames=["endpoint", "status"], buckets=(5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
+                                                0.5, 1, 2.5, 10))
+
+
+class PlaneHandle:
+    """This worker's data plane, as every front gets it (Triton builds each front around the core's
+    handle). BentoML takes the middlewares when the service class is defined, before the service
+    object that builds the data plane exists; ConvServe.__init__ sets it (fronts/bento.py)."""
+
+    def __init__(self) -> None:
+        self._plane: Dataplane | None = None
+
+    def set(self, plane: Dataplane) -> None:
+        self._plane = plane
+
+    def __call__(self) -> Dataplane:
+        if self._plane is None:
+            raise RuntimeError("the data plane is not built yet: the service has not started")
+        return self._plane

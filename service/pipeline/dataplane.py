@@ -1,0 +1,222 @@
+"""The data plane: the one object every front calls (KServe's DataPlane, MLServer's "used by both the
+gRPC and REST servers"). numpy and PIL in, numpy, dataclasses and plain dicts out; domain errors
+(service/errors.py), never HTTP statuses. It knows the served models and defaults, readiness, and the
+lifecycle of each kind of request: decode → (batch) → predict → (unbatch), leaving encode to the front.
+
+    plane = Dataplane(Engine.from_store(settings), settings)
+    result = await plane.classify(files, "lenet5", top_k=3, invert=False)   # Classification
+    answer = await plane.score_page("", png_bytes, options.parse(outputs="detections"))
+    maps = await plane.image_scores(card, files, invert=False)               # (N, K, h, w)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelcard import ModelCard
+from service.engine import Engine
+from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel
+from service.pipeline import dense, images, options, score
+from service.settings import Settings
+
+log = logging.getLogger("convserve")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Top-k labels of each image of one request, best first."""
+
+    card: ModelCard
+    names: list[str]  # one per image, in order
+    probabilities: np.ndarray  # (N, k)
+    classes: np.ndarray  # (N, k) label indices
+
+
+class Dataplane:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings = engine, settings
+        names = list(engine.models)
+        self.default_classify = names[0]
+        self.default_dense = next((n for n in names if engine.models[n].card.is_detector), names[0])
+        self.warmed = False  # warm_up() done
+        self.draining = False  # SIGTERM seen (fronts/drain.py)
+        self._dense_lock: asyncio.Lock | None = None
+        self._rollout_lock: asyncio.Lock | None = None
+
+    # models, defaults, readiness ----------------------------------------------------------------
+    @property
+    def cards(self) -> dict[str, ModelCard]:
+        """The versions served now (roll_out may replace one)."""
+        return {name: model.card for name, model in self.engine.models.items()}
+
+    def card(self, name: str, default: str) -> ModelCard:
+        name = name or default
+        cards = self.cards
+        if name not in cards:
+            raise UnknownModel(f"unknown model {name!r}; served models: {', '.join(cards)} (GET /models)",
+                               "unknown_model")
+        return cards[name]
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed and not self.draining
+
+    def warm_up(self) -> None:
+        self.engine.warm_up()
+        self.warmed = True
+
+    def describe(self) -> dict:
+        """GET /models: every served model's card, provider, warm-up and tile side; the defaults."""
+        return {"models": [{**m.describe(), "tile_side": self.engine.tile_side(name)}
+                           for name, m in self.engine.models.items()],
+                "defaults": {"classify": self.default_classify, "score_map": self.default_dense},
+                "ready": self.warmed}
+
+    async def roll_out(self, tag: str) -> tuple[ModelCard, ModelCard, float]:
+        """Serve another store version of a served model in place of the current one, no request
+        lost (Engine.roll_out); one at a time, each loads and warms a whole model. Returns (new card,
+        old card, warm-up ms). Raises KeyError for a model not served; the store's and ValueError
+        for a version that cannot replace it."""
+        self._rollout_lock = self._rollout_lock or asyncio.Lock()
+        async with self._rollout_lock:
+            new, old = await asyncio.to_thread(self.engine.roll_out, tag)
+        log.warning("rolled out %s in place of %s (warm-up %.0f ms)", new.tag, old.tag, new.warmup_ms)
+        return new.card, old.card, new.warmup_ms
+
+    def close(self) -> None:
+        """Requests still queued when the server stops get an error, not silence."""
+        self.engine.close()
+
+    # classification -----------------------------------------------------------------------------
+    def check_count(self, n: int) -> None:
+        if n > self.settings.max_images:
+            raise TooLarge(f"{n} images in one request, over the limit of {self.settings.max_images}; "
+                           f"split the request", "too_many_images")
+
+    def window_pixels(self, files: list[tuple[str, bytes]], card: ModelCard, invert: bool) -> np.ndarray:
+        """(name, bytes) → uint8 (N, C, h, w) at the model's window, refusing too many or too small
+        images with errors that say what to send instead."""
+        if not files:
+            raise InvalidInput("no image sent: attach one or more files as `image`", "no_image")
+        self.check_count(len(files))
+        pixels = []
+        for name, data in files:
+            image = images.decode(data, self.settings.max_image_pixels, name)
+            if min(image.size) < self.settings.min_classify_side:
+                raise InvalidInput(f"{name} is {image.size[0]}×{image.size[1]}; /classify needs "
+                                   f"sides of at least {self.settings.min_classify_side} px",
+                                   "image_too_small")
+            pixels.append(images.window_pixels(image, card.input, invert))
+        return np.stack(pixels)
+
+    async def decode_windows(self, files: list[tuple[str, bytes]], card: ModelCard,
+                             invert: bool) -> np.ndarray:
+        """window_pixels inline for small requests, in a thread for large ones (images.py says why)."""
+        if sum(len(data) for _, data in files) > images.INLINE_DECODE_BYTES:
+            return await asyncio.to_thread(self.window_pixels, files, card, invert)
+        return self.window_pixels(files, card, invert)
+
+    async def infer_windows(self, card: ModelCard, x: np.ndarray, output="scores", k: int = 0):
+        """Window-size images through the engine, batched with every front's traffic."""
+        try:
+            return await self.engine.infer(card.name, x, output, k)
+        except Overloaded as e:
+            raise Overloaded(f"{card.name} is overloaded: {e}; retry after the Retry-After seconds",
+                             e.retry_after) from None
+
+    async def classify(self, files: list[tuple[str, bytes]], model_name: str, top_k: int,
+                       invert: bool) -> Classification:
+        """(filename, bytes) pairs → top-k labels per image: decode → (batch) → predict."""
+        card = self.card(model_name, self.default_classify)
+        if top_k > min(len(card.labels), self.settings.max_top_k):
+            raise InvalidInput(f"top_k={top_k}: {card.name} has {len(card.labels)} labels and this "
+                               f"server answers at most top_k={self.settings.max_top_k}",
+                               "invalid_parameter")
+        x = await self.decode_windows(files, card, invert)
+        # (N, top_k) each: from the graph's softmax + TopK head where the model has one
+        probs, top = await self.infer_windows(card, x, "topk", top_k)
+        return Classification(card, [name for name, _ in files], probs, top)
+
+    # dense scoring --------------------------------------------------------------------------------
+    async def run_dense(self, work: Callable, *args):
+        """work(*args) in a thread, one dense job at a time (each already uses every core): /score_map
+        and /v2 on pages. How many may wait is the gate's route limit, checked before their bodies
+        are read. The lock is let go when the work ends, not when the request does: a request cut off
+        by its timeout (504) cannot stop its thread, and the next page must not run beside it."""
+        self._dense_lock = self._dense_lock or asyncio.Lock()
+        await self._dense_lock.acquire()
+        job = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        job.add_done_callback(self._dense_done)
+        return await asyncio.shield(job)
+
+    def _dense_done(self, work: asyncio.Future) -> None:
+        self._dense_lock.release()
+        error = None if work.cancelled() else work.exception()
+        if error and not isinstance(error, DomainError):
+            log.warning("a dense job failed: %r", error)  # seen even if its client is gone
+
+    async def score_page(self, model_name: str, data: bytes, opts: options.ScoreOptions) -> dict:
+        """/score_map: one encoded image → geometry and the outputs opts asks for (score.py)."""
+        card = self.card(model_name, self.default_dense)
+        return await self.run_dense(self._decode_and_score, card, data, opts)
+
+    def _decode_and_score(self, card: ModelCard, data: bytes, opts: options.ScoreOptions) -> dict:
+        im = images.decode(data, self.settings.max_image_pixels, "image")
+        return score.score_page(self.engine.bind(card.name), im, card, opts, self.settings.tile_pixels,
+                                self.engine.tile_side(card.name))
+
+    def _check_side(self, card: ModelCard, hw: tuple[int, int], name: str) -> None:
+        if min(hw) < card.window:
+            raise InvalidInput(f"{name} is {hw[1]}×{hw[0]}; {card.name} needs sides of at least "
+                               f"{card.window} px (its window)")
+
+    async def image_scores(self, card: ModelCard, files: list[tuple[str, bytes]], invert: bool) -> np.ndarray:
+        """Encoded images → scores (N, K, h, w): a classifier sees each at its window (as /classify);
+        a detector scores each whole (as /score_map), one map per image (/v2's `image` input)."""
+        if not card.is_detector:
+            x = await self.decode_windows(files, card, invert)  # (N, C, h, w)
+            return await self.infer_windows(card, x)
+        self.check_count(len(files))
+        return _stack(await self.run_dense(self._page_maps, card, files, invert))
+
+    def _page_maps(self, card: ModelCard, files: list[tuple[str, bytes]], invert: bool) -> list[np.ndarray]:
+        """Each encoded image scored whole (in tiles when large): [(K, h, w)]; runs in a thread."""
+        infer, side, maps = self.engine.bind(card.name), self.engine.tile_side(card.name), []
+        for name, data in files:
+            im = images.decode(data, self.settings.max_image_pixels, name)
+            x = images.full_pixels(im, card.input, invert)  # (C, H, W)
+            self._check_side(card, x.shape[1:], name)
+            maps.append(dense.tiled(infer, x, card, self.settings.tile_pixels, side).scores)
+        return maps
+
+    async def pixel_scores(self, card: ModelCard, x: np.ndarray) -> np.ndarray:
+        """uint8 pixels or float32 normalized (N, C, H, W) → scores (N, K, h, w): window-size inputs
+        batched with /classify's traffic, larger ones scored whole as dense jobs."""
+        channels = card.input.channels
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[0] < 1:
+            raise InvalidInput(f"pixels have shape {list(x.shape)}; {card.name} takes "
+                               f"[N, {channels}, H, W] with N ≥ 1")
+        self._check_side(card, x.shape[2:], "the input")
+        if x.shape[2] * x.shape[3] > self.settings.max_image_pixels:
+            raise TooLarge(f"{x.shape[2]}×{x.shape[3]} pixels per image, over the limit of "
+                           f"{self.settings.max_image_pixels}")
+        x = np.array(x)  # own, writable memory: the body's bytes go once the request is answered
+        if x.shape[2:] == (card.window, card.window):
+            self.check_count(len(x))
+            return await self.infer_windows(card, x)  # (N, K, 1, 1)
+        infer, side = self.engine.bind(card.name), self.engine.tile_side(card.name)
+        maps = await self.run_dense(
+            lambda: [dense.tiled(infer, xi, card, self.settings.tile_pixels, side).scores for xi in x])
+        return _stack(maps)
+
+
+def _stack(maps: list[np.ndarray]) -> np.ndarray:
+    if len({m.shape for m in maps}) > 1:
+        raise InvalidInput("these images give score maps of different sizes: send one image "
+                           "per request, or images of one size")
+    return np.stack(maps)  # (N, K, h, w)
