@@ -33,18 +33,20 @@ def own_home(home: Path, folder: Path) -> Path:
 
 class Server:
     """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords, serving
-    the models of the store at `home` from a home of its own beside `log` (see own_home)."""
+    the models of the store at `home` from a home of its own beside `log` (see own_home). `cwd`: the
+    source tree whose `service` package it serves (this checkout's by default)."""
 
     ready_path = "/readyz"
 
-    def __init__(self, home: Path, log: Path, **settings: object) -> None:
+    def __init__(self, home: Path, log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None,
+                 **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.home = own_home(Path(home), log.parent / f"{log.stem}.home")
-        env = {**os.environ, "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "true",
+        env = {**os.environ, **(env or {}), "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "true",
                **{f"CONVSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
-        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=open(log, "w"),
+        self.process = subprocess.Popen(self.command(), cwd=cwd, env=env, stdout=open(log, "w"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def command(self) -> list[str]:

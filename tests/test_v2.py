@@ -197,7 +197,8 @@ WHOLE_BODY = {"Inference-Header-Content-Length": "whole body"}  # replaced by th
 INFER = "/v2/models/lenet5/infer"
 
 
-@pytest.mark.parametrize("path, body, headers, status, fragment", [
+# (path, body, headers, status, fragment of the error); tests/test_same_answers.py sends them too
+BAD_REQUESTS = [
     (INFER, b"{not json", {}, 400, "not JSON"),
     (INFER, b'{"inputs": []}', {}, 400, '"inputs"'),
     (INFER, one_input(name="pixels", shape=[1, 1, 28, 28], datatype="UINT8", data=[1, 2, 3]), {}, 400,
@@ -214,7 +215,10 @@ INFER = "/v2/models/lenet5/infer"
     ("/v2/models/nope/infer", b"{}", {}, 404, "unknown model"),
     ("/v2/models/lenet5/versions/0/infer", b"{}", {}, 404, "not served"),
     ("/v2/elsewhere", b"", {}, 404, "no route"),
-])
+]
+
+
+@pytest.mark.parametrize("path, body, headers, status, fragment", BAD_REQUESTS)
 def test_bad_requests_get_the_protocols_error_shape(server, path, body, headers, status, fragment):
     if headers is WHOLE_BODY:
         headers = {"Inference-Header-Content-Length": str(len(body))}
