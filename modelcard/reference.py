@@ -9,7 +9,7 @@ import numpy as np
 
 def normalize(pixels: np.ndarray, scale: float, mean, std) -> np.ndarray:
     """uint8 (N, C, H, W) → float32 (N, C, H, W): x = (pixel·scale − mean) / std per channel, the
-    formula training used (models.registry.InputSpec.to_tensor), written with `out=` so a batch costs
+    formula training uses (models.registry.to_tensor calls it), written with `out=` so a batch costs
     one allocation."""
     mean = np.asarray(mean, np.float32)[:, None, None]
     std = np.asarray(std, np.float32)[:, None, None]

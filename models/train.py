@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from modelcard import BACKGROUND
 from models import cli, data, pages
-from models.registry import BACKGROUND, get_arch, list_archs, to_tensor
+from models.registry import get_arch, list_archs, to_tensor
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_shift_px: float = 2.0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What every HTTP front shares: an HTTP error with its status, the one JSON error shape, the REST
-fronts' table from domain errors to statuses, the raw-ASGI plumbing (headers, JSON answers), the
-request-time histogram, and the handle through which every front reaches the data plane.
+fronts' table from domain errors to statuses, the raw-ASGI plumbing (request IDs, body reading,
+headers, JSON answers), the request-time histogram, and the handle through which every front reaches
+the data plane.
 
     {"error": {"status": 422, "type": "invalid_image", "message": "what is wrong and what to change",
                "request_id": "…"}}
@@ -11,8 +12,12 @@ plain text, 500) are rewritten into the same shape by gate.py, which also adds t
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import math
+import re
+import uuid
 
 from prometheus_client import Histogram
 
@@ -81,6 +86,54 @@ def reshape(status: int, raw: bytes) -> dict:
         message = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details
                             if isinstance(d, dict))
     return body(status, TYPES.get(status, "error"), str(message) or f"HTTP {status}", details)
+
+
+REQUEST_ID = contextvars.ContextVar("request_id", default="-")
+_SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(scope) -> str:
+    text = header(scope, b"x-request-id")
+    return text if text is not None and _SANE_ID.fullmatch(text) else uuid.uuid4().hex
+
+
+async def read_body(scope, receive, limit: int, idle_timeout_s: float | None = None) -> bytes:
+    """The whole request body: 413 past `limit` bytes (with or without Content-Length), 408 when the
+    client sends nothing for `idle_timeout_s`, ConnectionResetError when it hangs up."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise ServiceError(413, f"request body of {int(value)} bytes is over the {limit}-byte "
+                                    f"limit; send smaller images or fewer per request")
+    chunks, size = [], 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):  # no task per chunk, unlike wait_for
+                message = await receive()
+        except TimeoutError:
+            raise ServiceError(408, f"the request body stalled: nothing arrived for {idle_timeout_s:g} "
+                                    f"s after {size} bytes; send the whole body without pausing") from None
+        if message["type"] == "http.disconnect":
+            raise ConnectionResetError("client went away")
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise ServiceError(413, f"request body is over the {limit}-byte limit")
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(data: bytes, receive):
+    """An ASGI receive that hands the inner app the body already read, then listens for disconnect."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    return receive_again
 
 
 def header(scope, name: bytes) -> str | None:

@@ -22,8 +22,15 @@ from python_multipart.multipart import parse_options_header
 
 from service.errors import DomainError
 from service.fronts import multipart
-from service.fronts.asgi import REQUEST_SECONDS, PlaneHandle, ServiceError, body, header_bytes, send_json
-from service.fronts.gate import REQUEST_ID, read_body
+from service.fronts.asgi import (
+    REQUEST_SECONDS,
+    PlaneHandle,
+    ServiceError,
+    body,
+    header_bytes,
+    read_body,
+    send_json,
+)
 from service.pipeline.dataplane import Classification
 
 log = logging.getLogger("convserve")
@@ -93,23 +100,24 @@ class ClassifyRoute:
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status, headers = 200, {}
+        status, headers = 500, {}  # a bug propagates to the gate, which answers 500 in our shape
         try:
-            if scope["method"] != "POST":
-                headers = {"allow": "POST"}
-                raise ServiceError(405, f"{self.path} takes POST (multipart/form-data)")
-            data = await read_body(scope, receive, self.limit)
-            fields, files = parse_form(header_bytes(scope, b"content-type"), data)
-            model, top_k, invert = parse_options(fields)
-            payload = encode(await self.plane().classify(files, model, top_k, invert))
-        except (DomainError, ServiceError) as error:
-            e = ServiceError.of(error)
-            status, payload = e.status, body(e.status, e.type, e.message)
-            headers = {**headers, **e.headers()}
+            try:
+                if scope["method"] != "POST":
+                    headers = {"allow": "POST"}
+                    raise ServiceError(405, f"{self.path} takes POST (multipart/form-data)")
+                data = await read_body(scope, receive, self.limit)
+                fields, files = parse_form(header_bytes(scope, b"content-type"), data)
+                model, top_k, invert = parse_options(fields)
+                status, payload = 200, encode(await self.plane().classify(files, model, top_k, invert))
+            except (DomainError, ServiceError) as error:
+                e = ServiceError.of(error)
+                status, payload = e.status, body(e.status, e.type, e.message)
+                headers = {**headers, **e.headers()}
+            await send_json(send, status, payload, headers)
         except ConnectionResetError:
-            return
-        except Exception:  # noqa: BLE001 - a bug still gets our JSON shape, and the log gets the trace
-            log.exception("POST %s failed (request_id=%s)", self.path, REQUEST_ID.get())
-            status, payload = 500, body(500, "internal_error", "internal error; see the server log")
-        await send_json(send, status, payload, headers)
-        REQUEST_SECONDS.labels(endpoint=self.path, status=str(status)).observe(time.perf_counter() - started)
+            status = 0  # nobody to answer, nothing to count
+        finally:
+            if status:
+                REQUEST_SECONDS.labels(endpoint=self.path, status=str(status)).observe(
+                    time.perf_counter() - started)

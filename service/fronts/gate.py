@@ -25,19 +25,26 @@ shape and send no Retry-After.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import hmac
 import json
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
-from service.fronts.asgi import TYPES, ServiceError, body, header_bytes, reshape
+from service.fronts.asgi import (
+    REQUEST_ID,
+    TYPES,
+    ServiceError,
+    body,
+    header_bytes,
+    read_body,
+    replay,
+    request_id,
+    reshape,
+)
 
 log = logging.getLogger("convserve.access")
 # What an autoscaler should scale on (deploy/overlays/keda): work admitted and not yet answered,
@@ -49,9 +56,6 @@ IN_FLIGHT = Gauge("convserve_in_flight_requests", "requests admitted by the gate
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json", "/",
                         "/ui", "/ui/", "/v2/health/live", "/v2/health/ready"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
-REQUEST_ID = contextvars.ContextVar("request_id", default="-")
-_SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
 
 @dataclass
 class Traffic:
@@ -69,15 +73,6 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
-def request_id(scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if _SANE_ID.fullmatch(text):
-                return text
-    return uuid.uuid4().hex
-
-
 def key_digests(api_keys: str) -> list[bytes]:
     return [hashlib.sha256(k.strip().encode()).digest() for k in api_keys.split(",") if k.strip()]
 
@@ -90,45 +85,6 @@ def authorized(scope, digests: list[bytes]) -> bool:
     for digest in digests:
         match |= hmac.compare_digest(offered, digest)
     return match and scheme.lower() == b"bearer"
-
-
-async def read_body(scope, receive, limit: int, idle_timeout_s: float | None = None) -> bytes:
-    """The whole request body: 413 past `limit` bytes (with or without Content-Length), 408 when the
-    client sends nothing for `idle_timeout_s`, ConnectionResetError when it hangs up."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ServiceError(413, f"request body of {int(value)} bytes is over the {limit}-byte "
-                                    f"limit; send smaller images or fewer per request")
-    chunks, size = [], 0
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout_s):  # no task per chunk, unlike wait_for
-                message = await receive()
-        except TimeoutError:
-            raise ServiceError(408, f"the request body stalled: nothing arrived for {idle_timeout_s:g} "
-                                    f"s after {size} bytes; send the whole body without pausing") from None
-        if message["type"] == "http.disconnect":
-            raise ConnectionResetError("client went away")
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            raise ServiceError(413, f"request body is over the {limit}-byte limit")
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-def replay(data: bytes, receive):
-    """An ASGI receive that hands the inner app the body already read, then listens for disconnect."""
-    sent = False
-
-    async def receive_again():
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    return receive_again
 
 
 class Gate:

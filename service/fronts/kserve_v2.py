@@ -40,8 +40,15 @@ from modelcard import ModelCard
 from modelcard.reference import softmax
 from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel, Unsupported
 from service.fronts import v2_tensors as tensors
-from service.fronts.asgi import REQUEST_SECONDS, PlaneHandle, ServiceError, header, send_bytes
-from service.fronts.gate import REQUEST_ID, read_body
+from service.fronts.asgi import (
+    REQUEST_ID,
+    REQUEST_SECONDS,
+    PlaneHandle,
+    ServiceError,
+    header,
+    read_body,
+    send_bytes,
+)
 from service.pipeline.dataplane import Dataplane
 
 log = logging.getLogger("convserve")
@@ -71,24 +78,23 @@ class V2Route:
         if scope["type"] != "http" or not is_v2(scope["path"]):
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        status = 500  # a bug propagates to the gate, which answers 500 in the protocol's shape
         try:
-            status, out, headers = await self.route(scope, receive)
-        except (DomainError, ServiceError) as error:
-            e = ServiceError.of(error, V2_STATUS)
-            # 415 and 422 are our REST fronts' (Content-Encoding); the protocol says 400 for those
-            status = 400 if e.status in (415, 422) else e.status
-            out = json.dumps({"error": e.message}, ensure_ascii=False).encode()
-            headers = {"content-type": "application/json", **e.headers()}
+            try:
+                status, out, headers = await self.route(scope, receive)
+            except (DomainError, ServiceError) as error:
+                e = ServiceError.of(error, V2_STATUS)
+                # 415 and 422 are our REST fronts' (Content-Encoding); the protocol says 400 for those
+                status = 400 if e.status in (415, 422) else e.status
+                out = json.dumps({"error": e.message}, ensure_ascii=False).encode()
+                headers = {"content-type": "application/json", **e.headers()}
+            await send_bytes(send, status, out, headers)
         except ConnectionResetError:
-            return
-        except Exception:  # noqa: BLE001 - a bug still gets the protocol's shape; the log gets the trace
-            log.exception("%s %s failed (request_id=%s)", scope["method"], scope["path"], REQUEST_ID.get())
-            status, out = 500, b'{"error":"internal error; see the server log"}'
-            headers = {"content-type": "application/json"}
-        await send_bytes(send, status, out, headers)
-        if scope["path"].endswith("/infer"):
-            REQUEST_SECONDS.labels(endpoint="/v2/infer", status=str(status)).observe(
-                time.perf_counter() - started)
+            status = 0  # nobody to answer, nothing to count
+        finally:
+            if status and scope["path"].endswith("/infer"):
+                REQUEST_SECONDS.labels(endpoint="/v2/infer", status=str(status)).observe(
+                    time.perf_counter() - started)
 
     async def route(self, scope, receive) -> tuple[int, bytes, dict[str, str]]:
         path, method = scope["path"].rstrip("/") or "/", scope["method"]

@@ -13,8 +13,7 @@ import json
 from collections.abc import Callable
 
 from service.fronts import multipart
-from service.fronts.asgi import ServiceError, header_bytes
-from service.fronts.gate import read_body, replay
+from service.fronts.asgi import ServiceError, header_bytes, read_body, replay, send_bytes
 from service.settings import Settings
 
 ERROR = {
@@ -185,10 +184,7 @@ class OpenAPIRoute:
                                                 f"{', '.join(sorted(known))}", "invalid_parameter")
                 receive = replay(data, receive)
         elif scope["path"] == self.path and scope["method"] == "GET":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(self.body)).encode())]})
-            return await send({"type": "http.response.body", "body": self.body})
+            return await send_bytes(send, 200, self.body, {"content-type": "application/json"})
         return await self.app(scope, receive, send)
 
 
