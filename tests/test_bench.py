@@ -60,8 +60,11 @@ def test_int8_default_model_keeps_accuracy(store, mnist):
     assert result["fp32_accuracy"] - result["int8_accuracy"] <= 0.003, result
     # How far the scores move. Not result["relative_score_error"]: one norm over all images is ruled
     # by a few outlier digits (5 images = 11-70 % of it) and swung 0.009-0.21 between seeds/CPUs.
-    # The median image's error is stable (0.0090-0.0091 on seeds 0-2); it must be > 0 (the int8 file
-    # really is quantized) and small (a bad scale or calibration moves every image).
+    # The median image's error is stable (0.0090-0.0091 on seeds 0-2 with 8-bit weights, 0.0118 with
+    # the 7-bit ones of issue 20 (seed 0), the same on AVX2 and VNNI; 8-bit weights gave 0.2 on AVX2: see
+    # export/quantize.py and tests/test_int8_isa.py, which runs this check under AVX2 emulation too);
+    # it must be > 0 (the int8 file really is quantized) and small (a bad scale or calibration moves
+    # every image).
     fp, q = (inprocess.session(path, 1).run(None, {"input": x})[0].reshape(len(x), -1)
              for path in (fp32, int8))
     median = float(np.median(np.linalg.norm(q - fp, axis=1) / np.linalg.norm(fp, axis=1)))
