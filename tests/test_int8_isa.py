@@ -25,8 +25,8 @@ from PIL import Image
 from test_bench import stored_onnx
 
 from export.card import read_embedded
-from service import images
-from service.card import InputSpec
+from modelcard import ModelCard
+from service.pipeline import images
 
 QEMU = shutil.which("qemu-x86_64")
 EMULATED_CPU = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
@@ -89,7 +89,7 @@ def test_int8_keeps_accuracy_on_every_x86_cpu(request, mnist, tmp_path, cpu, sou
         fp32, int8 = stored_onnx(store, "lenet5"), stored_onnx(store, "lenet5-int8")
     else:
         fp32, int8 = shipped_onnx("lenet5", tmp_path), shipped_onnx("lenet5-int8", tmp_path)
-    spec = InputSpec.from_card(read_embedded(fp32))
+    spec = ModelCard.from_dict(read_embedded(fp32)).input
     _, held = mnist
     x = spec.normalize(np.stack([images.window_pixels(Image.fromarray(p), spec) for p in held.images]))
     features, scores = run_models(cpu, x.astype(np.float32), fp32, int8, tmp_path)
