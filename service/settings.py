@@ -51,6 +51,17 @@ class Settings(BaseSettings):
                                          "row moved back rather than cut short): auto = on CUDA only, "
                                          "which sets up each new input shape (~30 ms); on a CPU the "
                                          "extra overlap only costs")
+    memory_limit_mb: int = Field(0, ge=0, description="the memory this server may use; 0: the "
+                                 "container's cgroup limit, else the machine's (pipeline/cost.py)")
+    worker_memory_mb: int = Field(0, ge=0, description="bytes of dense work and request bodies a worker "
+                                  "admits at once (503 with Retry-After beyond); 0: derived from the "
+                                  "memory limit")
+    request_memory_mb: int = Field(0, ge=0, description="estimated peak memory of one request (413 "
+                                   "beyond, saying what to change); 0: half the worker's")
+    max_scored_pixels: int = Field(64 * 2**20, ge=2**16, description="input pixels one request may "
+                                   "have the model score, over every scale (1/σ² each) and shift (k² "
+                                   "for stride_factor k): 413 beyond; 64 Mi ≈ a 4096² page at stride "
+                                   "factor 2, ~30 s on 2 cores")
     min_classify_side: int = Field(8, ge=1, description="smallest image side /classify accepts")
     warmup_rounds: int = Field(3, ge=1, description="warm-up passes per model and shape before ready")
     timeout_s: int = Field(60, ge=1, description="per-request timeout (504 above)")

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Awaitable
 
 from prometheus_client import Histogram
 
@@ -101,7 +102,7 @@ async def read_body(scope, receive, limit: int, idle_timeout_s: float | None = N
     """The whole request body: 413 past `limit` bytes (with or without Content-Length), 408 when the
     client sends nothing for `idle_timeout_s`, ConnectionResetError when it hangs up."""
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
+        if name == b"content-length" and is_length(value.decode("latin-1")) and int(value) > limit:
             raise ServiceError(413, f"request body of {int(value)} bytes is over the {limit}-byte "
                                     f"limit; send smaller images or fewer per request")
     chunks, size = [], 0
@@ -134,6 +135,35 @@ def replay(data: bytes, receive):
         return {"type": "http.request", "body": data, "more_body": False}
 
     return receive_again
+
+
+async def until_disconnect(receive, work: Awaitable):
+    """Await `work` (a coroutine); if the client hangs up first, cancel it (a dense job then stops at
+    its next tile: Dataplane.run_dense) and raise ConnectionResetError. Call once the body is read:
+    the next message uvicorn has for this request is its disconnect."""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the gate's deadline
+        job.cancel()
+        watch.cancel()
+        raise
+    if job in done:
+        watch.cancel()
+        return job.result()
+    job.cancel()
+    raise ConnectionResetError("the client went away while its request ran")
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def is_length(text: str) -> bool:
+    """ASCII digits, at most 15 of them (int() refuses 4,300 and more, and "²".isdigit() is true)."""
+    return text.isascii() and text.isdigit() and len(text) <= 15
 
 
 def header(scope, name: bytes) -> str | None:

@@ -36,7 +36,9 @@ from service.fronts.classify_route import ClassifyRoute, encode
 from service.fronts.gate import Gate, Traffic
 from service.fronts.kserve_v2 import V2Route
 from service.fronts.openapi import OpenAPIRoute
+from service.fronts.score_map_route import ScoreMapRoute
 from service.pipeline import images, options
+from service.pipeline.cost import Budgets, MemoryBudget
 from service.pipeline.dataplane import Dataplane
 from service.settings import Settings
 
@@ -57,6 +59,8 @@ if not log.handlers:  # BentoML configures only its own loggers
 check_store(settings.model_tags)
 traffic = Traffic()  # this worker's requests in flight: the gate admits by it, the drain waits on it
 plane = PlaneHandle()  # this worker's data plane, for every front; ConvServe.__init__ builds it
+# this worker's memory for admitted work: bodies being read (the gate) and dense jobs (the data plane)
+budget = MemoryBudget(Budgets.from_settings(settings).worker_bytes)
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -128,7 +132,7 @@ side_routes = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
 )
 class ConvServe:
     def __init__(self) -> None:
-        self.dataplane = Dataplane(Engine.from_store(settings), settings)
+        self.dataplane = Dataplane(Engine.from_store(settings), settings, budget)
         plane.set(self.dataplane)
         try:
             drain.install(traffic, self.dataplane, settings.timeout_s)
@@ -219,11 +223,13 @@ class ConvServe:
 
 
 # Middlewares added first are outermost: the gate sees every request first; V2Route answers /v2 (the
-# Open Inference Protocol) and ClassifyRoute POST /classify themselves (see their docstrings);
-# OpenAPIRoute completes BentoML's /docs.json; everything else goes on to BentoML.
-ConvServe.add_asgi_middleware(Gate, settings=settings, traffic=traffic,
+# Open Inference Protocol), ClassifyRoute POST /classify and ScoreMapRoute POST /score_map themselves
+# (see their docstrings); OpenAPIRoute completes BentoML's /docs.json and checks bodies against it;
+# everything else goes on to BentoML.
+ConvServe.add_asgi_middleware(Gate, settings=settings, traffic=traffic, budget=budget,
                               route_limits={"/score_map": 1 + settings.max_dense_queue})
 ConvServe.add_asgi_middleware(V2Route, plane=plane, settings=settings)
 ConvServe.add_asgi_middleware(OpenAPIRoute, settings=settings,
                               bentoml_spec=lambda: ConvServe.openapi_spec.asdict())
 ConvServe.add_asgi_middleware(ClassifyRoute, plane=plane, max_request_bytes=settings.max_request_bytes)
+ConvServe.add_asgi_middleware(ScoreMapRoute, plane=plane, max_request_bytes=settings.max_request_bytes)

@@ -82,7 +82,9 @@ def form_text(text: str) -> str:
 def parse_options(fields: dict[str, str]) -> tuple[str, int, bool]:
     """(model, top_k, invert) from the form's text fields, with errors that say what is allowed."""
     top_k_text = fields.get("top_k", "1")
-    if not top_k_text.isdigit() or int(top_k_text) < 1:
+    # ASCII digits only: str.isdigit() is true for "²", which int() refuses; and short, so that int()
+    # never meets its 4,300-digit limit
+    if not (top_k_text.isascii() and top_k_text.isdigit() and len(top_k_text) <= 6) or int(top_k_text) < 1:
         raise ServiceError(422, f"top_k={top_k_text!r}: give a whole number ≥ 1", "invalid_parameter")
     invert_text = fields.get("invert", "false").lower()
     if invert_text not in TRUE | FALSE:

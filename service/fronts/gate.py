@@ -34,17 +34,21 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
+from service.errors import Overloaded
 from service.fronts.asgi import (
     REQUEST_ID,
     TYPES,
     ServiceError,
     body,
+    header,
     header_bytes,
+    is_length,
     read_body,
     replay,
     request_id,
     reshape,
 )
+from service.pipeline.cost import MemoryBudget
 
 log = logging.getLogger("convserve.access")
 # What an autoscaler should scale on (deploy/overlays/keda): work admitted and not yet answered,
@@ -88,8 +92,10 @@ def authorized(scope, digests: list[bytes]) -> bool:
 
 
 class Gate:
-    def __init__(self, app, settings, traffic: Traffic, route_limits: dict[str, int] | None = None) -> None:
+    def __init__(self, app, settings, traffic: Traffic, budget: MemoryBudget,
+                 route_limits: dict[str, int] | None = None) -> None:
         self.app, self.traffic, self.route_limits = app, traffic, route_limits or {}
+        self.budget = budget  # bodies being read count against the worker's memory with its dense work
         self.limit, self.idle_timeout_s = settings.max_request_bytes, settings.body_timeout_s
         self.max_in_flight, self.timeout_s = settings.max_concurrency, settings.timeout_s
         self.digests = key_digests(settings.api_keys)
@@ -126,8 +132,24 @@ class Gate:
                                     "one of the server's CONVSERVE_API_KEYS")
         traffic, path = self.traffic, scope["path"]
         self._admissible(path)  # already full: refuse before reading the body, so refusing stays cheap
-        data = await read_body(scope, receive, self.limit, self.idle_timeout_s)
-        self._admissible(path)  # still room now that the body is here
+        declared = header(scope, b"content-length")
+        if declared is not None and is_length(declared):
+            size = min(int(declared), self.limit)
+        else:  # chunked: as much as the limit allows; no body at all: nothing
+            size = self.limit if header(scope, b"transfer-encoding") else 0
+        try:
+            self.budget.reserve(size, traffic.latency_s, "this request's body")
+        except Overloaded as e:
+            raise ServiceError(503, e.message, "overloaded", e.retry_after) from None
+        try:
+            data = await read_body(scope, receive, self.limit, self.idle_timeout_s)
+            self._admissible(path)  # still room now that the body is here
+            await self._admitted(scope, receive, response, data)
+        finally:
+            self.budget.release(size)
+
+    async def _admitted(self, scope, receive, response: Response, data: bytes) -> None:
+        traffic, path = self.traffic, scope["path"]
         traffic.in_flight += 1
         IN_FLIGHT.inc()
         limited = path in self.route_limits

@@ -48,6 +48,7 @@ from service.fronts.asgi import (
     header,
     read_body,
     send_bytes,
+    until_disconnect,
 )
 from service.pipeline.dataplane import Dataplane
 
@@ -127,8 +128,9 @@ class V2Route:
             raise ServiceError(415, f"Content-Encoding {encoding} is not accepted; send the body "
                                     f"uncompressed")
         body = await read_body(scope, receive, self.settings.max_request_bytes)
-        request = tensors.parse_request(body, header(scope, tensors.HEADER_LENGTH.encode()))
-        outputs = await infer(plane, card, request)
+        request = tensors.parse_request(body, header(scope, tensors.HEADER_LENGTH.encode()),
+                                        self.settings.max_images)
+        outputs = await until_disconnect(receive, infer(plane, card, request))
         # the protocol's response carries an id: the request's own, else its X-Request-ID
         rid = request.id if request.id is not None else REQUEST_ID.get()
         out, headers = tensors.encode_response(card.name, card.version, rid, outputs)

@@ -12,12 +12,13 @@ fully specified: https://github.com/triton-inference-server/server/blob/main/doc
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.fronts.asgi import ServiceError
+from service.fronts.asgi import ServiceError, is_length
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
           "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -49,17 +50,27 @@ class Request:
     id: str | None
 
 
-def parse_request(body: bytes, header_length: str | None) -> Request:
-    """The infer request body → Request, checking every shape against its data."""
+# Dimensions and elements a tensor may declare, checked before anything is built: a shape's product in
+# Python integers (numpy's int64 wrapped [2^32, 2^32, 1, 1] to 0 and the reshape failed as a 500).
+MAX_DIM = 2**31 - 1
+MAX_OUTPUTS = 2  # `probabilities` and the score map: each once
+
+
+def parse_request(body: bytes, header_length: str | None, max_bytes_elements: int) -> Request:
+    """The infer request body → Request, checking every shape against its data, and every count
+    before building: outputs (at most two, no name twice), BYTES elements (413 past
+    max_bytes_elements, before any is split or decoded), JSON depth (400, not a RecursionError)."""
     if header_length is None:
         head, rest = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not is_length(header_length) or int(header_length) > len(body):
             raise bad(f"Inference-Header-Content-Length: {header_length!r} is not a length within the "
                       f"{len(body)}-byte body")
         head, rest = body[: int(header_length)], body[int(header_length):]
     try:
         request = json.loads(head)
+    except RecursionError:
+        raise bad("the request's JSON is nested too deep; a tensor is a flat or [N, C, H, W] list") from None
     except ValueError as e:
         raise bad(f"the request is not JSON ({e}); send the inference request of the Open Inference "
                   f"Protocol, with binary tensors after it and Inference-Header-Content-Length") from None
@@ -69,9 +80,12 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                 for o in outputs):
         raise bad('"outputs" must be a list of {"name": …, "parameters": {…}}')
+    names = [o["name"] for o in outputs]
+    if len(names) > MAX_OUTPUTS or len(set(names)) < len(names):
+        raise bad(f"outputs {names}: ask for each output once, at most {MAX_OUTPUTS} of them")
     offset, inputs = 0, []
     for raw in request["inputs"]:
-        tensor, offset = parse_input(raw, rest, offset)
+        tensor, offset = parse_input(raw, rest, offset, max_bytes_elements)
         inputs.append(tensor)
     if offset != len(rest):
         raise bad(f"{len(rest) - offset} bytes of binary data after the header belong to no input; "
@@ -83,23 +97,27 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
     return Request(inputs, outputs, parameters, None if rid is None else str(rid))
 
 
-def parse_input(raw: object, binary: bytes, offset: int) -> tuple[Tensor, int]:
+def parse_input(raw: object, binary: bytes, offset: int, max_bytes_elements: int) -> tuple[Tensor, int]:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise bad('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
     name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
     if datatype != "BYTES" and datatype not in DTYPES:
         raise bad(f"input {name!r}: unknown datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad(f"input {name!r}: shape must be a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > 8 or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+        raise bad(f"input {name!r}: shape must be a list of at most 8 integers from 0 to {MAX_DIM}")
     parameters = raw.get("parameters") or {}
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
+    if datatype == "BYTES" and count > max_bytes_elements:
+        raise ServiceError(413, f"input {name!r}: {count} images in one request, over the limit of "
+                                f"{max_bytes_elements}; split the request", "too_many_images")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise bad(f"input {name!r}: binary_data_size {size!r} runs past the body's binary part")
         chunk, offset = binary[offset: offset + size], offset + size
         if datatype == "BYTES":
-            data = split_bytes(chunk, name)
+            data = split_bytes(chunk, name, count)
         else:
             itemsize = np.dtype(DTYPES[datatype]).itemsize
             if size != count * itemsize:
@@ -107,7 +125,10 @@ def parse_input(raw: object, binary: bytes, offset: int) -> tuple[Tensor, int]:
                           f"binary_data_size says {size}")
             data = np.frombuffer(chunk, DTYPES[datatype]).reshape(shape)
     elif "data" in raw:
-        data = json_data(raw["data"], datatype, shape, name)
+        try:
+            data = json_data(raw["data"], datatype, shape, name)
+        except RecursionError:
+            raise bad(f"input {name!r}: data nested deeper than its shape") from None
     else:
         raise bad(f"input {name!r} has neither data nor binary_data_size")
     if datatype == "BYTES" and len(data) != count:
@@ -139,10 +160,14 @@ def flatten(data: object):
         yield data
 
 
-def split_bytes(chunk: bytes, name: str) -> list[bytes]:
-    """Triton's serialized BYTES tensor: each element a uint32 little-endian length, then its bytes."""
+def split_bytes(chunk: bytes, name: str, most: int | None = None) -> list[bytes]:
+    """Triton's serialized BYTES tensor: each element a uint32 little-endian length, then its bytes.
+    Stops at `most` + 1 elements: more than the shape says is an error, found without building them
+    all (32 MB of empty elements would be 8 M of them)."""
     out, i = [], 0
     while i < len(chunk):
+        if most is not None and len(out) > most:
+            raise bad(f"input {name!r}: more BYTES elements than its shape holds ({most})")
         if i + 4 > len(chunk):
             raise bad(f"input {name!r}: a BYTES element's 4-byte length prefix is cut off")
         (n,) = struct.unpack_from("<I", chunk, i)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from modelcard import ModelCard
 from service.engine import Engine
 from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel
 from service.pipeline import dense, images, options, score
+from service.pipeline.cost import DENSE_ADVICE, Budgets, Cost, MemoryBudget, dense_cost, pixels_cost
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
@@ -37,9 +40,36 @@ class Classification:
     classes: np.ndarray  # (N, k) label indices
 
 
+class Stopped(Exception):
+    """A dense job stopped at a tile or scale boundary because its request is gone."""
+
+
+class Stoppable:
+    """A model call (Engine.bind) that raises Stopped once `stop` is set: a dense job then ends at its
+    next tile, shift or scale, each of which is one call, and lets go of the dense lock."""
+
+    def __init__(self, infer, stop: threading.Event) -> None:
+        self.infer, self.stop = infer, stop
+
+    def __call__(self, x):
+        if self.stop.is_set():
+            raise Stopped
+        return self.infer(x)
+
+    def peaks(self, x, threshold: float):
+        if self.stop.is_set():
+            raise Stopped
+        return self.infer.peaks(x, threshold)
+
+
 class Dataplane:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, budget: MemoryBudget | None = None) -> None:
         self.engine, self.settings = engine, settings
+        self.budgets = Budgets.from_settings(settings)
+        # shared with the gate, which reserves request bodies from it (fronts/bento.py)
+        self.budget = budget or MemoryBudget(self.budgets.worker_bytes)
+        self.dense_jobs = 0  # running or waiting for the dense lock
+        self.dense_seconds = 1.0  # EWMA of a dense job's time: the Retry-After of a refused one
         names = list(engine.models)
         self.default_classify = names[0]
         self.default_dense = next((n for n in names if engine.models[n].card.is_detector), names[0])
@@ -143,32 +173,67 @@ class Dataplane:
         return Classification(card, [name for name, _ in files], probs, top)
 
     # dense scoring --------------------------------------------------------------------------------
-    async def run_dense(self, work: Callable, *args):
-        """work(*args) in a thread, one dense job at a time (each already uses every core): /score_map
-        and /v2 on pages. How many may wait is the gate's route limit, checked before their bodies
-        are read. The lock is let go when the work ends, not when the request does: a request cut off
-        by its timeout (504) cannot stop its thread, and the next page must not run beside it."""
+    async def run_dense(self, cost: Cost, work: Callable, *args):
+        """work(stop, *args) in a thread, one dense job at a time (each already uses every core):
+        /score_map and /v2 on pages. Admitted by count (1 running + CONVSERVE_MAX_DENSE_QUEUE waiting,
+        whichever front sent it) and by its estimated memory against this worker's budget: 503 with
+        Retry-After beyond either. When the request is gone (its timeout, its client hung up), `stop`
+        is set and the job ends at its next model call (Stoppable); the lock and the memory are let go
+        when the thread ends, not before, so the next page never runs beside it."""
+        retry = self.dense_seconds * (1 + self.dense_jobs)
+        if self.dense_jobs >= 1 + self.settings.max_dense_queue:
+            raise Overloaded(f"{self.dense_jobs} dense requests already running or waiting, this "
+                             f"worker's limit; retry after the Retry-After seconds", retry)
+        self.budget.reserve(cost.memory, retry, "this request")
+        self.dense_jobs += 1
         self._dense_lock = self._dense_lock or asyncio.Lock()
-        await self._dense_lock.acquire()
-        job = asyncio.ensure_future(asyncio.to_thread(work, *args))
-        job.add_done_callback(self._dense_done)
-        return await asyncio.shield(job)
+        try:
+            await self._dense_lock.acquire()
+        except BaseException:  # cancelled while waiting: it never ran
+            self.budget.release(cost.memory)
+            self.dense_jobs -= 1
+            raise
+        stop, started = threading.Event(), time.perf_counter()
+        job = asyncio.ensure_future(asyncio.to_thread(work, stop, *args))
+        job.add_done_callback(lambda done: self._dense_done(done, cost, started))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
-    def _dense_done(self, work: asyncio.Future) -> None:
+    def _dense_done(self, work: asyncio.Future, cost: Cost, started: float) -> None:
         self._dense_lock.release()
+        self.budget.release(cost.memory)
+        self.dense_jobs -= 1
+        self.dense_seconds += 0.2 * (time.perf_counter() - started - self.dense_seconds)
         error = None if work.cancelled() else work.exception()
-        if error and not isinstance(error, DomainError):
+        if isinstance(error, Stopped):
+            log.info("a dense job stopped after %.1f s: its request is gone", time.perf_counter() - started)
+        elif error and not isinstance(error, DomainError):
             log.warning("a dense job failed: %r", error)  # seen even if its client is gone
 
-    async def score_page(self, model_name: str, data: bytes, opts: options.ScoreOptions) -> dict:
-        """/score_map: one encoded image → geometry and the outputs opts asks for (score.py)."""
-        card = self.card(model_name, self.default_dense)
-        return await self.run_dense(self._decode_and_score, card, data, opts)
+    def page_cost(self, card: ModelCard, data: bytes, name: str, opts: options.ScoreOptions) -> Cost:
+        """What scoring this encoded image costs, from its header; TooLarge when over budget."""
+        width, height, bands = images.probe(data, self.settings.max_image_pixels, name)
+        peaks_only = opts.outputs == {"detections"} and opts.stride_factor == 1 and card.has_peak_head
+        cost = dense_cost(card, width, height, bands, opts.scales, opts.stride_factor, opts.outputs,
+                          peaks_only)
+        cost.check(self.budgets, DENSE_ADVICE)
+        return cost
 
-    def _decode_and_score(self, card: ModelCard, data: bytes, opts: options.ScoreOptions) -> dict:
+    async def score_page(self, model_name: str, data: bytes, opts: options.ScoreOptions) -> dict:
+        """/score_map: one encoded image → geometry and the outputs opts asks for (score.py); priced
+        from its header before anything is decoded."""
+        card = self.card(model_name, self.default_dense)
+        cost = self.page_cost(card, data, "image", opts)
+        return await self.run_dense(cost, self._decode_and_score, card, data, opts)
+
+    def _decode_and_score(self, stop: threading.Event, card: ModelCard, data: bytes,
+                          opts: options.ScoreOptions) -> dict:
         im = images.decode(data, self.settings.max_image_pixels, "image")
-        return score.score_page(self.engine.bind(card.name), im, card, opts, self.settings.tile_pixels,
-                                self.engine.tile_side(card.name))
+        return score.score_page(Stoppable(self.engine.bind(card.name), stop), im, card, opts,
+                                self.settings.tile_pixels, self.engine.tile_side(card.name))
 
     def _check_side(self, card: ModelCard, hw: tuple[int, int], name: str) -> None:
         if min(hw) < card.window:
@@ -182,11 +247,17 @@ class Dataplane:
             x = await self.decode_windows(files, card, invert)  # (N, C, h, w)
             return await self.infer_windows(card, x)
         self.check_count(len(files))
-        return _stack(await self.run_dense(self._page_maps, card, files, invert))
+        every = options.ScoreOptions(outputs={"scores"})  # whole maps, at scale 1, stride factor 1
+        costs = [self.page_cost(card, data, name, every) for name, data in files]
+        cost = Cost(sum(c.memory for c in costs), sum(c.scored_pixels for c in costs), costs[0].parts)
+        cost.check(self.budgets, DENSE_ADVICE)
+        return _stack(await self.run_dense(cost, self._page_maps, card, files, invert))
 
-    def _page_maps(self, card: ModelCard, files: list[tuple[str, bytes]], invert: bool) -> list[np.ndarray]:
+    def _page_maps(self, stop: threading.Event, card: ModelCard, files: list[tuple[str, bytes]],
+                   invert: bool) -> list[np.ndarray]:
         """Each encoded image scored whole (in tiles when large): [(K, h, w)]; runs in a thread."""
-        infer, side, maps = self.engine.bind(card.name), self.engine.tile_side(card.name), []
+        infer = Stoppable(self.engine.bind(card.name), stop)
+        side, maps = self.engine.tile_side(card.name), []
         for name, data in files:
             im = images.decode(data, self.settings.max_image_pixels, name)
             x = images.full_pixels(im, card.input, invert)  # (C, H, W)
@@ -209,10 +280,15 @@ class Dataplane:
         if x.shape[2:] == (card.window, card.window):
             self.check_count(len(x))
             return await self.infer_windows(card, x)  # (N, K, 1, 1)
-        infer, side = self.engine.bind(card.name), self.engine.tile_side(card.name)
-        maps = await self.run_dense(
-            lambda: [dense.tiled(infer, xi, card, self.settings.tile_pixels, side).scores for xi in x])
-        return _stack(maps)
+        cost = pixels_cost(card, len(x), x.shape[2], x.shape[3])
+        cost.check(self.budgets, DENSE_ADVICE)
+        side, tile_pixels = self.engine.tile_side(card.name), self.settings.tile_pixels
+
+        def maps(stop: threading.Event) -> list[np.ndarray]:
+            infer = Stoppable(self.engine.bind(card.name), stop)
+            return [dense.tiled(infer, xi, card, tile_pixels, side).scores for xi in x]
+
+        return _stack(await self.run_dense(cost, maps))
 
 
 def _stack(maps: list[np.ndarray]) -> np.ndarray:

@@ -32,6 +32,26 @@ Image.MAX_IMAGE_PIXELS = None
 
 def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     """Open and fully decode one image file, refusing anything we cannot serve correctly."""
+    image = opened(data, max_pixels, name)
+    try:
+        # Truncated data raises (ImageFile.LOAD_TRUNCATED_IMAGES stays False). No warnings-as-errors
+        # here: warning filters are process-wide and this runs beside the event loop's threads.
+        image.load()
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInput(f"{name} is truncated or corrupt ({e}); send the whole file",
+                           "invalid_image") from None
+    return image
+
+
+def probe(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int, int]:
+    """(width, height, bytes per decoded pixel) from the header alone, with decode's checks: what a
+    request is priced by before anything is decoded (pipeline/cost.py)."""
+    image = opened(data, max_pixels, name)
+    return image.width, image.height, len(image.getbands())
+
+
+def opened(data: bytes, max_pixels: int, name: str) -> Image.Image:
+    """The image's header read and checked (format, pixel count, mode); nothing decoded yet."""
     if not data:
         raise InvalidInput(f"{name} is empty", "invalid_image")
     try:
@@ -48,13 +68,6 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     if image.mode not in MODES:
         raise Unsupported(f"{name} has pixel mode {image.mode!r}; send 8-bit greyscale or RGB(A)",
                           "unsupported_mode")
-    try:
-        # Truncated data raises (ImageFile.LOAD_TRUNCATED_IMAGES stays False). No warnings-as-errors
-        # here: warning filters are process-wide and this runs beside the event loop's threads.
-        image.load()
-    except Exception as e:  # noqa: BLE001
-        raise InvalidInput(f"{name} is truncated or corrupt ({e}); send the whole file",
-                           "invalid_image") from None
     return image
 
 
