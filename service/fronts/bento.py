@@ -172,6 +172,7 @@ class ConvServe:
     ) -> Any:
         """The same as /classify for clients that cannot send multipart: JSON with base64 images."""
         try:
+            self.dataplane.check_count(len(images_b64))  # before decoding any of them
             names = [f"images_b64[{i}]" for i in range(len(images_b64))]
             files = [(n, images.from_base64(t, n)) for n, t in zip(names, images_b64, strict=True)]
         except DomainError as e:
