@@ -186,9 +186,10 @@ def _bad_requests(url):
                                  "invalid_parameter"),
         "misspelt field": (post("/classify", files=files(digit), data={"topk": "3"}), 422,
                            "invalid_parameter"),
-        # BentoML's own file inputs download a URL sent as text; ours reads it as (non-)image bytes
+        # BentoML's own file inputs download a URL sent as text; ours refuse text where a file belongs
+        # (issue 21: a text value where a file is expected is a 422)
         "URL in the image field": (post("/classify", files={"image": (None, b"http://127.0.0.1:1/x")}),
-                                   415, "unsupported_image"),
+                                   422, "invalid_image"),
         "multipart without an image": (post("/classify", files={"top_k": (None, b"1")}), 422,
                                        "no_image"),
         "broken multipart": (post("/classify", content=b"--x\r\nnonsense",

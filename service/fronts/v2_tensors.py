@@ -103,8 +103,9 @@ def parse_input(raw: object, binary: bytes, offset: int, max_bytes_elements: int
     name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
     if datatype != "BYTES" and datatype not in DTYPES:
         raise bad(f"input {name!r}: unknown datatype {datatype!r}")
-    if not isinstance(shape, list) or len(shape) > 8 or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise bad(f"input {name!r}: shape must be a list of non-negative integers")
+    if len(shape) > 8 or not all(not isinstance(d, bool) and d <= MAX_DIM for d in shape):
         raise bad(f"input {name!r}: shape must be a list of at most 8 integers from 0 to {MAX_DIM}")
     parameters = raw.get("parameters") or {}
     count = math.prod(shape)
