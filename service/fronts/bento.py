@@ -66,10 +66,14 @@ async def list_models(request: Request) -> JSONResponse:
 async def roll_out(request: Request) -> JSONResponse:
     """POST /admin/models {"tag": "lenet5:<version>"}: load that store version of a served model,
     warm it, and serve it in place of the current one without losing a request (Engine.roll_out).
-    The gate lets only admin keys through (CONVSERVE_ADMIN_KEYS; 403 when the server has none): it
-    changes what the server answers. Swaps the model in the worker process that receives it: run one
-    worker per server (the Kubernetes layout) or call each."""
+    Needs admin keys configured (it changes what the server answers; 403 without), and the gate lets
+    only those through (401). Swaps the model in the worker process that receives it: run one worker
+    per server (the Kubernetes layout) or call each."""
     try:
+        if not settings.admin_keys:
+            raise ServiceError(403, "model rollout is off without admin keys: start the server with "
+                                    "CONVSERVE_ADMIN_KEYS and send one as `Authorization: Bearer <key>`",
+                               "forbidden")
         try:
             payload = await request.json()
         except ValueError:

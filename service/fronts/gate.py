@@ -6,7 +6,7 @@ decides holds for every route (/classify's raw handler and BentoML's APIs alike)
                 in the access line
     API keys    with CONVSERVE_API_KEYS set, every route but health, metrics and docs needs
                 `Authorization: Bearer <key>` (401 otherwise); /admin/ routes need one of
-                CONVSERVE_ADMIN_KEYS instead (401 otherwise, 403 when the server has none)
+                CONVSERVE_ADMIN_KEYS instead (401 otherwise; with none, the route answers 403)
     body        read in full before a request may take an inference slot, so stalled uploads hold
                 nothing but their socket; a client that goes quiet mid-body gets 408, an oversized
                 body 413
@@ -137,11 +137,9 @@ class Gate:
 
     async def _guarded(self, scope, receive, response: Response) -> None:
         traffic, path = self.traffic, scope["path"]
-        if path.startswith("/admin/"):  # changes what the server answers: admin keys only
-            if not self.admin_digests:
-                raise ServiceError(403, "model rollout is off without admin keys: start the server with "
-                                        "CONVSERVE_ADMIN_KEYS and send one as `Authorization: Bearer "
-                                        "<key>`", "forbidden")
+        # /admin/ changes what the server answers: admin keys only (without any, the route itself says
+        # 403: bento.roll_out)
+        if path.startswith("/admin/") and self.admin_digests:
             if not authorized(scope, self.admin_digests):
                 raise ServiceError(401, "missing or wrong admin key: send `Authorization: Bearer <key>` "
                                         "with one of the server's CONVSERVE_ADMIN_KEYS (API keys do not "

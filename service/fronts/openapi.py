@@ -151,8 +151,8 @@ def complete(spec: dict, settings: Settings) -> dict:
                                                    "(CONVSERVE_ADMIN_KEYS): rollout is off",
                                     "content": {"application/json": {"schema": {
                                         "$ref": "#/components/schemas/Error"}}}}
-                keyed = settings.admin_keys
-                if keyed:
+                keyed = settings.admin_keys or settings.api_keys
+                if settings.admin_keys:
                     responses["401"] = {**responses["401"], "description": "Missing or wrong admin key "
                                         "(one of CONVSERVE_ADMIN_KEYS; API keys do not roll out)"}
             else:
