@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -74,9 +74,24 @@ class Settings(BaseSettings):
                                  "runs (503 with Retry-After beyond)")
     body_timeout_s: float = Field(10, gt=0, description="a client that sends no body bytes for this "
                                   "long gets 408 (stalled uploads hold no inference slot meanwhile)")
-    api_keys: str = Field("", description="comma-separated keys; when set, every route except health, "
-                          "metrics and docs needs `Authorization: Bearer <key>` (401 otherwise)")
+    api_keys: str | None = Field(None, description="comma-separated keys; when set, every route except "
+                                 "health, metrics and docs needs `Authorization: Bearer <key>` (401 "
+                                 "otherwise). Set but holding no key (blank, only commas): the server "
+                                 "refuses to start")
+    admin_keys: str | None = Field(None, description="comma-separated keys for POST /admin/models (model "
+                                   "rollout; 401 without one of them, 403 when unset); API keys do not "
+                                   "roll out. Set but holding no key: the server refuses to start")
     access_log: bool = Field(True, description="one log line per request, with its X-Request-ID")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _some_key_when_set(cls, value: str | None, info) -> str | None:
+        """Keys fail closed: a variable that is set (an empty Secret, a typo like `,`) but yields no key
+        stops the server at start, rather than serving with no key required."""
+        if value is not None and not keys(value):
+            raise ValueError(f"CONVSERVE_{info.field_name.upper()} is set but holds no key ({value!r}); "
+                             f"give comma-separated keys, or unset it")
+        return value
 
     @property
     def model_tags(self) -> list[str]:
@@ -85,3 +100,8 @@ class Settings(BaseSettings):
     @property
     def intra_op_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def keys(text: str | None) -> list[str]:
+    """The keys in a comma-separated setting (blank entries dropped)."""
+    return [k.strip() for k in (text or "").split(",") if k.strip()]

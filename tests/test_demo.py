@@ -133,13 +133,30 @@ def test_a_bad_upload_shows_the_server_message(ui, mnist):
     expect(status).to_have_attribute("data-state", "done", timeout=TIMEOUT_MS)
 
 
-def test_ui_is_open_offline_and_swagger_stays_at_root(server):
+def test_ui_and_the_api_page_at_root_are_open_and_offline(browser, server):
+    """/ui and / load without an API key, and in a real browser no request of theirs leaves this server
+    (BentoML's Swagger page at / loaded Google Tag Manager from the internet)."""
     from service.fronts.gate import is_open
 
     page = httpx.get(f"{server.url}/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
-    assert is_open("/ui")  # loads without an API key; the page sends the key it is given
-    swagger = httpx.get(f"{server.url}/")
-    assert swagger.status_code == 200 and swagger.headers["content-type"].startswith("text/html")
-    assert "swagger" in swagger.text.lower()
+    assert is_open("/ui") and is_open("/")  # load without an API key; the demo sends the key it is given
+    root = httpx.get(f"{server.url}/")
+    assert root.status_code == 200 and root.headers["content-type"].startswith("text/html")
+    assert "googletagmanager" not in root.text.lower() and "<script" not in root.text.lower()
+    for path in ("/classify", "/score_map", "/models", "/admin/models"):  # the API, by route
+        assert f"<code>{path}</code>" in root.text, path
+    context = browser.new_context()
+    requested = []
+    context.on("request", lambda request: requested.append(request.url))
+    for path in ("/", "/ui"):
+        tab = context.new_page()
+        tab.goto(f"{server.url}{path}", wait_until="networkidle")
+        tab.close()
+    # the root page links on to the demo and the document
+    tab = context.new_page()
+    tab.goto(f"{server.url}/")
+    assert tab.get_attribute("a[href='ui']", "href") and tab.get_attribute("a[href='docs.json']", "href")
+    context.close()
+    assert requested and all(url.startswith(f"{server.url}/") for url in requested), requested

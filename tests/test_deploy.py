@@ -84,6 +84,19 @@ def test_the_grace_period_covers_the_prestop_sleep_and_the_longest_request(overl
     assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + timeout
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_starts_without_its_api_keys_secret(overlay):
+    """Keys fail closed: CONVSERVE_API_KEYS comes from a Secret that is not optional (no Secret, no
+    pod: Kubernetes holds it in CreateContainerConfigError), and the server refuses a blank one
+    (tests/test_ops.py). Admin keys may be absent: rollout is then off (403)."""
+    env = {e["name"]: e for e in container(render(overlay)).get("env", [])}
+    ref = env["CONVSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and not ref.get("optional", False)
+    assert "CONVSERVE_API_KEYS" not in settings(render(overlay))  # never a plain, open default
+    admin = env["CONVSERVE_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert admin["name"] == ref["name"] and admin["key"] != ref["key"]
+
+
 def test_the_gpu_overlay_asks_for_one_gpu_and_runs_on_cuda():
     objects = render("gpu")
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]

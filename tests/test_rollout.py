@@ -18,6 +18,8 @@ from loadtest.servers import Server
 
 KEY = "rollout-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_KEY = "rollout-admin-key"  # rollout takes admin keys only (CONVSERVE_ADMIN_KEYS)
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NEW_VERSION = """
 import bentoml
 from pathlib import Path
@@ -46,7 +48,8 @@ def served_version(url: str) -> str:
 def test_a_new_version_rolls_out_under_load_with_no_failed_request(store, tmp_path, monkeypatch):
     home = tmp_path / "store"
     shutil.copytree(store / "models", home / "models", symlinks=True)  # a version is added: a copy
-    with Server(home, tmp_path / "serve.log", models="lenet5", api_keys=KEY) as srv:
+    with Server(home, tmp_path / "serve.log", models="lenet5", api_keys=KEY,
+                admin_keys=ADMIN_KEY) as srv:
         old = served_version(srv.url)
         made = subprocess.run([PYTHON, "-c", NEW_VERSION], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, check=True, env={**os.environ, "BENTOML_HOME": str(home)})
@@ -62,7 +65,7 @@ def test_a_new_version_rolls_out_under_load_with_no_failed_request(store, tmp_pa
         while answered(srv.url) < 200 and time.monotonic() < deadline:  # locust is up and sending
             time.sleep(0.5)
         before = answered(srv.url)
-        rolled = httpx.post(f"{srv.url}/admin/models", json={"tag": new_tag}, headers=AUTH, timeout=120)
+        rolled = httpx.post(f"{srv.url}/admin/models", json={"tag": new_tag}, headers=ADMIN, timeout=120)
         load.join()
         assert rolled.status_code == 200, rolled.text
         assert rolled.json()["previous_version"] == old
@@ -72,11 +75,13 @@ def test_a_new_version_rolls_out_under_load_with_no_failed_request(store, tmp_pa
 
         # what the route refuses, in the error shape
         for tag, status in (("resnet:1", 404), ("lenet5:nosuchversion", 404), ("", 422)):
-            refused = httpx.post(f"{srv.url}/admin/models", json={"tag": tag}, headers=AUTH)
+            refused = httpx.post(f"{srv.url}/admin/models", json={"tag": tag}, headers=ADMIN)
             assert refused.status_code == status and refused.json()["error"]["status"] == status, tag
         assert httpx.post(f"{srv.url}/admin/models", json={"tag": new_tag}).status_code == 401
+        assert httpx.post(f"{srv.url}/admin/models", json={"tag": new_tag}, headers=AUTH).status_code == 401
 
 
-def test_rollout_is_off_without_api_keys(server):
+def test_rollout_is_off_without_admin_keys(server):
     refused = httpx.post(f"{server.url}/admin/models", json={"tag": "lenet5:latest"})
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "forbidden"
+    assert "CONVSERVE_ADMIN_KEYS" in refused.json()["error"]["message"]

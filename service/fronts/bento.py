@@ -30,12 +30,12 @@ from starlette.routing import Route
 
 from service.engine import Engine, check_store
 from service.errors import DomainError
-from service.fronts import drain
+from service.fronts import drain, paths
 from service.fronts.asgi import PlaneHandle, ServiceError
 from service.fronts.classify_route import ClassifyRoute, encode
-from service.fronts.gate import Gate, Traffic
+from service.fronts.gate import OPEN_PATHS, OPEN_PREFIXES, Gate, Traffic
 from service.fronts.kserve_v2 import V2Route
-from service.fronts.openapi import OpenAPIRoute
+from service.fronts.openapi import OpenAPIRoute, complete
 from service.fronts.score_map_route import ScoreMapRoute
 from service.pipeline import images, options
 from service.pipeline.cost import Budgets, MemoryBudget
@@ -70,12 +70,13 @@ async def list_models(request: Request) -> JSONResponse:
 async def roll_out(request: Request) -> JSONResponse:
     """POST /admin/models {"tag": "lenet5:<version>"}: load that store version of a served model,
     warm it, and serve it in place of the current one without losing a request (Engine.roll_out).
-    Needs API keys configured (it changes what the server answers). Swaps the model in the worker
-    process that receives it: run one worker per server (the Kubernetes layout) or call each."""
+    Needs admin keys configured (it changes what the server answers; 403 without), and the gate lets
+    only those through (401). Swaps the model in the worker process that receives it: run one worker
+    per server (the Kubernetes layout) or call each."""
     try:
-        if not settings.api_keys:
-            raise ServiceError(403, "model rollout is off without API keys: start the server with "
-                                    "CONVSERVE_API_KEYS and send one as `Authorization: Bearer <key>`",
+        if not settings.admin_keys:
+            raise ServiceError(403, "model rollout is off without admin keys: start the server with "
+                                    "CONVSERVE_ADMIN_KEYS and send one as `Authorization: Bearer <key>`",
                                "forbidden")
         try:
             payload = await request.json()
@@ -234,3 +235,7 @@ ConvServe.add_asgi_middleware(OpenAPIRoute, settings=settings,
                               bentoml_spec=lambda: ConvServe.openapi_spec.asdict())
 ConvServe.add_asgi_middleware(ClassifyRoute, plane=plane, max_request_bytes=settings.max_request_bytes)
 ConvServe.add_asgi_middleware(ScoreMapRoute, plane=plane, max_request_bytes=settings.max_request_bytes)
+# BentoML's request metrics label by path: every route of the document keeps its own label, any other
+# path shares one (fronts/paths.py says why and how).
+paths.install(paths.Routes(lambda: [*complete(ConvServe.openapi_spec.asdict(), settings)["paths"],
+                                    *OPEN_PATHS], OPEN_PREFIXES))

@@ -5,7 +5,8 @@ decides holds for every route (/classify's raw handler and BentoML's APIs alike)
     request ID  X-Request-ID taken (if sane) or made; echoed on every response, in error bodies and
                 in the access line
     API keys    with CONVSERVE_API_KEYS set, every route but health, metrics and docs needs
-                `Authorization: Bearer <key>` (401 otherwise)
+                `Authorization: Bearer <key>` (401 otherwise); /admin/ routes need one of
+                CONVSERVE_ADMIN_KEYS instead (401 otherwise; with none, the route answers 403)
     body        read in full before a request may take an inference slot, so stalled uploads hold
                 nothing but their socket; a client that goes quiet mid-body gets 408, an oversized
                 body 413
@@ -15,6 +16,8 @@ decides holds for every route (/classify's raw handler and BentoML's APIs alike)
                 read (the engine sheds too: 503 when a model's queue is full)
     deadline    a request not answered within `timeout_s` gets 504 (its queued work is cancelled)
     errors      every status ≥ 400 in fronts/asgi.py's one JSON shape, with the request ID
+    log lines   what the client sent (the path) with control characters escaped: a `%0a` in a URL
+                cannot forge a line
 
 Written by hand, and BentoML's own traffic middlewares (max_concurrency, timeout) turned off: BentoML
 places those outside every middleware we can add, they count a request from its first byte (300
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Gauge
 
 from service.errors import Overloaded
+from service.fronts import paths
 from service.fronts.asgi import (
     REQUEST_ID,
     TYPES,
@@ -49,6 +53,7 @@ from service.fronts.asgi import (
     reshape,
 )
 from service.pipeline.cost import MemoryBudget
+from service.settings import keys
 
 log = logging.getLogger("convserve.access")
 # What an autoscaler should scale on (deploy/overlays/keda): work admitted and not yet answered,
@@ -77,8 +82,16 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
-def key_digests(api_keys: str) -> list[bytes]:
-    return [hashlib.sha256(k.strip().encode()).digest() for k in api_keys.split(",") if k.strip()]
+def key_digests(setting: str | None) -> list[bytes]:
+    return [hashlib.sha256(k.encode()).digest() for k in keys(setting)]
+
+
+def loggable(text: str) -> str:
+    """Client text for a log line: control and other unprintable characters escaped as \\n, \\x1b,
+    \\u2028…, so that no request can start a line of its own or move the terminal's cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def authorized(scope, digests: list[bytes]) -> bool:
@@ -99,12 +112,14 @@ class Gate:
         self.limit, self.idle_timeout_s = settings.max_request_bytes, settings.body_timeout_s
         self.max_in_flight, self.timeout_s = settings.max_concurrency, settings.timeout_s
         self.digests = key_digests(settings.api_keys)
+        self.admin_digests = key_digests(settings.admin_keys)
         self.access_log = settings.access_log
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        paths.restore(scope)  # the real path, where the metrics middleware saw only its label
         rid = request_id(scope)
         token = REQUEST_ID.set(rid)
         response = Response(send, rid, protocol_errors=scope["path"].startswith("/v2"))
@@ -118,19 +133,26 @@ class Gate:
         except ConnectionResetError:
             response.status = 499  # nginx's "client closed request", for the access line only
         except Exception:  # noqa: BLE001 - a bug still gets our JSON shape; the log gets the trace
-            log.exception("%s %s failed (request_id=%s)", scope["method"], scope["path"], rid)
+            log.exception("%s %s failed (request_id=%s)", scope["method"], loggable(scope["path"]), rid)
             await response.error(500, "internal_error", "internal error; see the server log", {})
         finally:
             REQUEST_ID.reset(token)
             if self.access_log and (response.status >= 400 or not is_open(scope["path"])):
-                log.info("%s %s %d %.1fms request_id=%s", scope["method"], scope["path"],
+                log.info("%s %s %d %.1fms request_id=%s", scope["method"], loggable(scope["path"]),
                          response.status, (time.perf_counter() - started) * 1000, rid)
 
     async def _guarded(self, scope, receive, response: Response) -> None:
-        if self.digests and not authorized(scope, self.digests):
+        traffic, path = self.traffic, scope["path"]
+        # /admin/ changes what the server answers: admin keys only (without any, the route itself says
+        # 403: bento.roll_out)
+        if path.startswith("/admin/") and self.admin_digests:
+            if not authorized(scope, self.admin_digests):
+                raise ServiceError(401, "missing or wrong admin key: send `Authorization: Bearer <key>` "
+                                        "with one of the server's CONVSERVE_ADMIN_KEYS (API keys do not "
+                                        "roll out models)")
+        elif self.digests and not authorized(scope, self.digests):
             raise ServiceError(401, "missing or wrong API key: send `Authorization: Bearer <key>` with "
                                     "one of the server's CONVSERVE_API_KEYS")
-        traffic, path = self.traffic, scope["path"]
         self._admissible(path)  # already full: refuse before reading the body, so refusing stays cheap
         declared = header(scope, b"content-length")
         if declared is not None and is_length(declared):

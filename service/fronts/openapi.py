@@ -3,7 +3,8 @@
 BentoML documents only its own @api routes, with 200/400/404/500 in error schemas we never send. This
 adds what it cannot know: POST /classify and GET /models (served outside BentoML's API machinery), every
 status each route can answer in our one error schema (fronts/asgi.py), Retry-After on 429/503, and
-the bearer scheme when API keys are set. schemathesis checks the result against the live server in
+the bearer scheme when API (or admin) keys are set. It also serves GET /, the document as a plain
+HTML page (fronts/docs_page.py). schemathesis checks the result against the live server in
 `make test` (tests/test_reliability.py).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from service.fronts import multipart
+from service.fronts import docs_page, multipart
 from service.fronts.asgi import ServiceError, header_bytes, read_body, replay, send_bytes
 from service.settings import Settings
 
@@ -97,7 +98,9 @@ ADMIN_MODELS = {
         "tags": ["Admin"], "operationId": "roll_out",
         "summary": "Serve another store version of a served model, with no request lost",
         "description": "Loads the version, warms it, swaps it in; the running batch finishes on the old "
-                       "one. Same inputs and labels only. Needs CONVSERVE_API_KEYS (403 without).",
+                       "one. Same inputs and labels only. Needs one of the server's CONVSERVE_ADMIN_KEYS as "
+                       "`Authorization: Bearer <key>` (401 without; 403 when the server has no admin "
+                       "keys); an API key does not roll out.",
         "requestBody": json_body({**obj(["tag"], tag={"type": "string", "minLength": 1,
                                                       "description": "name:version"}),
                                   "additionalProperties": False}),
@@ -125,7 +128,7 @@ def complete(spec: dict, settings: Settings) -> dict:
     spec["paths"]["/classify"] = CLASSIFY
     spec["paths"]["/models"] = MODELS
     spec["paths"]["/admin/models"] = ADMIN_MODELS
-    if settings.api_keys:
+    if settings.api_keys or settings.admin_keys:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, item in spec["paths"].items():
         for method, operation in item.items():
@@ -144,10 +147,17 @@ def complete(spec: dict, settings: Settings) -> dict:
                     responses.pop(status)
             responses["200"].setdefault("headers", {}).update(REQUEST_ID)
             if path == "/admin/models":
-                responses["403"] = {"description": "The server has no API keys: rollout is off",
+                responses["403"] = {"description": "The server has no admin keys "
+                                                   "(CONVSERVE_ADMIN_KEYS): rollout is off",
                                     "content": {"application/json": {"schema": {
                                         "$ref": "#/components/schemas/Error"}}}}
-            if settings.api_keys:
+                keyed = settings.admin_keys or settings.api_keys
+                if settings.admin_keys:
+                    responses["401"] = {**responses["401"], "description": "Missing or wrong admin key "
+                                        "(one of CONVSERVE_ADMIN_KEYS; API keys do not roll out)"}
+            else:
+                keyed = settings.api_keys
+            if keyed:
                 operation["security"] = [{"bearer": []}]
             else:
                 responses.pop("401")
@@ -164,6 +174,7 @@ class OpenAPIRoute:
         self.app, self.path, self.limit = app, path, settings.max_request_bytes
         self.document = complete(bentoml_spec(), settings)
         self.body = json.dumps(self.document).encode()
+        self.page = docs_page.render(self.document)
         self.media_types = {p: set(item["post"]["requestBody"]["content"])
                             for p, item in self.document["paths"].items() if "post" in item}
         self.form_fields = {p: set(item["post"]["requestBody"]["content"][FORM]["schema"]["properties"])
@@ -185,6 +196,8 @@ class OpenAPIRoute:
                 receive = replay(data, receive)
         elif scope["path"] == self.path and scope["method"] == "GET":
             return await send_bytes(send, 200, self.body, {"content-type": "application/json"})
+        elif scope["path"] == "/" and scope["method"] == "GET":
+            return await send_bytes(send, 200, self.page, {"content-type": "text/html; charset=utf-8"})
         return await self.app(scope, receive, send)
 
 

@@ -2,7 +2,8 @@
 normalizes them, once per batch (modelcard InputSpec.normalize).
 
 Every failure is a domain error (service/errors.py) whose message says what to change. The pixel
-count is checked from the header, before any decoding, so a decompression bomb costs nothing.
+count is checked from the header, before any decoding, so a decompression bomb costs nothing. An EXIF
+Orientation (phone photos) is applied after decoding, so the model sees the picture upright.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from modelcard import InputSpec
 from service.errors import InvalidInput, TooLarge, Unsupported
@@ -26,6 +27,7 @@ FORMATS = ["PNG", "JPEG", "BMP", "TIFF", "WEBP"]
 # 8-bit pixels, so we ask the client to convert instead of guessing.
 MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
 
+ORIENTATION = 0x0112  # EXIF: 1 = upright; 2-8 = mirrored and/or rotated by 90° steps
 # We enforce our own pixel limit before decoding; PIL's own check would raise mid-way.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -40,7 +42,7 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     except Exception as e:  # noqa: BLE001
         raise InvalidInput(f"{name} is truncated or corrupt ({e}); send the whole file",
                            "invalid_image") from None
-    return image
+    return upright(image)
 
 
 def probe(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int, int]:
@@ -68,6 +70,20 @@ def opened(data: bytes, max_pixels: int, name: str) -> Image.Image:
     if image.mode not in MODES:
         raise Unsupported(f"{name} has pixel mode {image.mode!r}; send 8-bit greyscale or RGB(A)",
                           "unsupported_mode")
+    return image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the image's EXIF Orientation, if it has one other than upright: in place, so the only
+    extra allocation is the transposed copy that replaces the decoded pixels (a transpose keeps the
+    pixel count: the limit checked above holds). Images without one are returned as they are, with
+    no copy."""
+    try:
+        orientation = image.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block: the pixels are still good
+        return image
+    if orientation in range(2, 9):
+        ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
