@@ -22,6 +22,7 @@ from service.fronts.gate import Traffic
 from service.pipeline.dataplane import Dataplane
 
 log = logging.getLogger("convserve")
+QUIET_S = 0.5
 
 
 def install(traffic: Traffic, plane: Dataplane, timeout_s: float) -> None:
@@ -39,8 +40,17 @@ def install(traffic: Traffic, plane: Dataplane, timeout_s: float) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def drain(signum, frame) -> None:
-        deadline = time.monotonic() + timeout_s
-        while traffic.in_flight and time.monotonic() < deadline:
+        # Leave once nothing has been in flight for QUIET_S: a client's next request often follows its
+        # last answer by a few ms (a balancer needs a moment to see readiness go), and leaving at the
+        # first idle instant reset those connections (seen in tests/test_reliability.py under load).
+        deadline, quiet_since = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            if traffic.in_flight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= QUIET_S:
+                break
             await asyncio.sleep(0.05)
         log.warning("drained (%d requests still in flight); shutting down", traffic.in_flight)
         leave(signum, frame)
