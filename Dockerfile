@@ -2,6 +2,7 @@
 #
 #   docker build -t convserve .                # bakes the shipped bentomodels/*.bentomodel in
 #   docker run -p 3000:3000 convserve
+#   make image                                 # the same with podman or docker (BASE=... another base)
 #
 # `make artifacts` retrains the models and rewrites bentomodels/ (or `make bentomodels` writes the
 # store's latest there); build again to bake those in.
@@ -18,11 +19,14 @@
 #   docker run --gpus all -p 3000:3000 convserve:gpu
 #
 # Batch scoring on Ray (deploy/ray/rayjob.yaml): docker build --build-arg EXTRAS=cpu,ray -t convserve:ray .
+# BASE: the CPU variant's base, any Debian-like image with apt (e.g. one made with debootstrap, as
+# tests/containers.py does to build without a container registry): make image BASE=localhost/...
 ARG VARIANT=cpu
-FROM python:3.11-slim AS base-cpu
+ARG BASE=python:3.11-slim
+FROM ${BASE} AS base-cpu
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base-gpu
 # A GPU image that came up on CPU is a fault, not a fallback: the server exits at start with
-# onnxruntime's error (service/engine/cuda.py). Override with -e CONVSERVE_PROVIDERS=auto.
+# onnxruntime's error (service/engine/provider.py). Override with -e CONVSERVE_PROVIDERS=auto.
 ENV CONVSERVE_PROVIDERS=cuda
 # Only the stage named here is built (and pulled).
 FROM base-${VARIANT}
@@ -35,10 +39,11 @@ ENV BENTOML_DO_NOT_TRACK=true \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 
-# make runs the same install as `make test`; the CUDA base has no Python of its own, slim has.
+# make runs the same install as `make test`; the CUDA base has no Python of its own, slim has (with
+# ensurepip, which `python3 -m venv` needs: Debian's python3 has it only with python3-venv).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make curl \
-    $(command -v python3 >/dev/null || echo python3 python3-venv) \
+    $(python3 -c 'import ensurepip' 2>/dev/null || echo python3 python3-venv) \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 convserve
 
@@ -50,7 +55,11 @@ COPY export/ export/
 COPY service/ service/
 COPY loadtest/ loadtest/
 COPY batch/ batch/
-RUN make install VENV=/opt/venv EXTRAS=${EXTRAS} \
+# Behind a TLS-inspecting proxy pip needs the host's CA bundle: `make image` passes $PIP_CERT as the
+# build secret `pip-cert` (mounted for this step only; the image keeps nothing of it).
+RUN --mount=type=secret,id=pip-cert,required=false \
+    if [ -f /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+ && make install VENV=/opt/venv EXTRAS=${EXTRAS} \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
 # Bake the shipped models in (store exports; after the install, so new models keep its layer cached).

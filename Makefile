@@ -14,7 +14,7 @@ comma := ,
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts store serve loadtest soak bench bench-datapath bentomodels clean
+.PHONY: install test lint artifacts store serve loadtest soak bench bench-datapath bentomodels image clean
 
 # One stamp per set of extras: .venv/.installed-cpu (`make serve`), .venv/.installed-cpu,train,dev,ray
 # (`make install`, `make test`, `make artifacts`, ...). Whichever runs first creates the venv; a later,
@@ -105,6 +105,25 @@ bench-datapath: install
 # Docker image bakes them in (see the Dockerfile).
 bentomodels: $(VENV)/.installed-$(SERVE_EXTRAS)
 	$(write_exports)
+
+# The serving image (CPU, no torch, the shipped models baked in) with podman or docker, whichever is
+# here (podman first). BASE: the image to build on (default: the Dockerfile's, the official Python
+# slim image); the tests build on a debootstrap Debian base (tests/containers.py). VARIANT is given
+# explicitly: podman 4.3's buildah ignores a global ARG's default in `FROM base-${VARIANT}`. podman
+# writes OCI images unless told `--format docker`, which keeps the HEALTHCHECK. The build's pip
+# trusts what pip trusts here ($PIP_CERT, e.g. a TLS-inspecting proxy's CA) through a build secret.
+# --force-rm: a failed step leaves no build container behind. IMAGE_EXTRAS: what the image installs
+# (cpu,ray for deploy/ray/rayjob.yaml; gpu-pip: onnxruntime-gpu with NVIDIA's libraries from PyPI).
+ENGINE ?= $(firstword $(foreach e,podman docker,$(if $(shell command -v $(e)),$(e))))
+IMAGE  ?= convserve:latest
+IMAGE_EXTRAS ?= cpu
+image:
+	@test -n "$(ENGINE)" || { echo "make image needs podman or docker"; exit 1; }
+	$(ENGINE) build --network=host --force-rm --build-arg VARIANT=cpu --build-arg EXTRAS=$(IMAGE_EXTRAS) \
+	  $(if $(BASE),--build-arg BASE=$(BASE)) \
+	  $(if $(filter podman,$(ENGINE)),--format docker) \
+	  $(if $(PIP_CERT),--secret id=pip-cert$(comma)src=$(PIP_CERT)) -t $(IMAGE) .
+	$(ENGINE) images $(IMAGE)
 
 clean:
 	rm -rf $(VENV) artifacts results .pytest_cache

@@ -6,8 +6,8 @@ nothing for normal traffic; this is how that was measured (BENCHMARKS.md, "Norma
     python -m bench.versus --base 983a211 --rounds 3 --seconds 8 [--out results/versus]
 
 Rows: /classify multipart digit PNGs, /v2 binary BYTES digit PNGs (tritonclient's format), and
-/score_map on 512² pages (detections), each at 32 connections (2 for /score_map: one running, one waiting, none shed). Medians of the
-rounds by requests/s, their spread, and p50/p99 of the median round.
+/score_map on 512² pages (detections), each at 32 connections (2 for /score_map: one running, one
+waiting, none shed). Medians of the rounds by requests/s, their spread, and p50/p99 of the median round.
 """
 
 from __future__ import annotations

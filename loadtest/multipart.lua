@@ -1,7 +1,7 @@
 -- wrk script for loadtest/wrk.py: POST prepared request bodies in turn and count every answer that is
 -- not 2xx. Arguments (after wrk's "--"): the folder holding body-1.bin, body-2.bin, ... (each a whole
--- body, written by loadtest/wrk.py), their Content-Type, and optionally one more header as "Name: value"
--- (the Open Inference Protocol's Inference-Header-Content-Length).
+-- body, written by loadtest/wrk.py), their Content-Type, and any more headers as "Name: value" (the Open
+-- Inference Protocol's Inference-Header-Content-Length, an Authorization).
 -- Each wrk thread runs its own Lua state; setup() and done() run in a third one.
 
 local threads = {}
@@ -13,9 +13,11 @@ end
 
 function init(args)
    local headers = {["Content-Type"] = args[2]}
-   if args[3] then
-      local name, value = args[3]:match("^([^:]+):%s*(.*)$")
+   local extra = 3
+   while args[extra] do
+      local name, value = args[extra]:match("^([^:]+):%s*(.*)$")
       headers[name] = value
+      extra = extra + 1
    end
    requests, non2xx = {}, 0
    local i = 1

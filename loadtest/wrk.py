@@ -62,7 +62,8 @@ def v2_bodies(files: list[bytes]) -> tuple[list[bytes], str]:
 
 
 def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int, threads: int = 1,
-        fields: dict[str, str] | None = None, out: Path | None = None, protocol: str = "multipart") -> dict:
+        fields: dict[str, str] | None = None, out: Path | None = None, protocol: str = "multipart",
+        headers: dict[str, str] | None = None) -> dict:
     """POST `bodies` (the raw files, cycled) to url+path for `seconds` over `connections` keep-alive
     connections, as multipart forms or (protocol="v2") Open Inference Protocol infer requests.
     Latencies in ms; socket_errors counts connect/read/write errors and timeouts."""
@@ -80,12 +81,13 @@ def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int
     boundary = "convserve" + secrets.token_hex(12)
     while any(boundary.encode() in b for b in bodies):
         boundary = "convserve" + secrets.token_hex(12)
+    extra = [f"{k}: {v}" for k, v in (headers or {}).items()]  # e.g. Authorization
     if protocol == "v2":
-        prepared, extra = v2_bodies(bodies)
-        headers = ["application/octet-stream", extra]
+        prepared, length = v2_bodies(bodies)
+        headers = ["application/octet-stream", length, *extra]
     else:
         prepared = [multipart(data, fields or {}, boundary) for data in bodies]
-        headers = [f"multipart/form-data; boundary={boundary}"]
+        headers = [f"multipart/form-data; boundary={boundary}", *extra]
     with tempfile.TemporaryDirectory(prefix="wrk-") as scratch:
         folder = out or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)

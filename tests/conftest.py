@@ -12,6 +12,8 @@ import pytest
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# CI (.ci/run, CI=true) installs podman, Prometheus and Ray: there the tests that need them never skip.
+CI = os.environ.get("CI") == "true"
 
 
 @pytest.fixture
@@ -81,3 +83,18 @@ def server(store, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The serving image, built by `make image` on a debootstrap Debian base (tests/containers.py) and
+    tagged as the CPU Deployment names it; skipped without podman or a Docker daemon."""
+    import containers
+    from test_deploy import container, render
+
+    if containers.ENGINE is None and not CI:
+        pytest.skip(containers.HOW)
+    tag = container(render("cpu"))["image"]
+    seconds = containers.build(tag)
+    size = int(containers.sh(containers.ENGINE, "image", "inspect", "--format", "{{.Size}}", tag).stdout)
+    return containers.Image(tag, round(seconds, 1), round(size / 1e6))
