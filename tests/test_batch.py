@@ -1,5 +1,5 @@
 """Batch dense scoring on a local Ray (batch/): every page's detections equal the single-process
-scorer's (service/scoring.py through an engine, in a process of its own), with 1 and with 2 actors;
+scorer's (service/pipeline/score.py through an engine, in a process of its own), with 1 and with 2 actors;
 pages per second for each are recorded in the test's output."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ray across nodes: `python -m batch` submitted with `ray job submit` to a two-node cluster (head and
 worker as separate `ray start` processes, tests/ray_two_nodes.py) inside network and PID namespaces of
 their own with only loopback up. Each job's rows equal what a single `bentoml serve` process answers on
-POST /score_map for the same pages (the same code, service/scoring.py, with the same defaults); the
+POST /score_map for the same pages (the same code, service/pipeline/score.py, with the same defaults); the
 second job's actors ran on both nodes; every Ray process is gone after SIGTERM to the two `ray start`
 pids (the PID namespace is only the safety net). Rows/s on one and two nodes are printed."""
 
