@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.rounds):
                 for row, (path, protocol, bodies, connections) in rows.items():
                     for name, srv in servers.items():
+                        folder = args.out / path.strip("/").replace("/", "-") / f"{name}-r{r}"
                         runs[row][name].append(wrk(srv.url, bodies, connections, args.seconds,
-                                                   args.out / f"r{r}", path=path, protocol=protocol))
+                                                   folder, path=path, protocol=protocol))
         finally:
             for srv in servers.values():
                 srv.stop()

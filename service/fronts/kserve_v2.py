@@ -130,7 +130,10 @@ class V2Route:
         body = await read_body(scope, receive, self.settings.max_request_bytes)
         request = tensors.parse_request(body, header(scope, tensors.HEADER_LENGTH.encode()),
                                         self.settings.max_images)
-        outputs = await until_disconnect(receive, infer(plane, card, request))
+        work = infer(plane, card, request)
+        # a page's dense job stops when its client hangs up; window-size images need no watcher (two
+        # tasks a request; a cancelled request's images leave the engine's queue unrun anyway)
+        outputs = await (until_disconnect(receive, work) if is_dense(card, request) else work)
         # the protocol's response carries an id: the request's own, else its X-Request-ID
         rid = request.id if request.id is not None else REQUEST_ID.get()
         out, headers = tensors.encode_response(card.name, card.version, rid, outputs)
@@ -205,6 +208,14 @@ async def infer(plane: Dataplane, card: ModelCard, request: tensors.Request) -> 
     else:
         scores = await plane.pixel_scores(card, tensor.data)
     return select_outputs(card, scores, request)
+
+
+def is_dense(card: ModelCard, request: tensors.Request) -> bool:
+    """Whether the request is scored whole (a detector's images, inputs larger than the window)."""
+    tensor = request.inputs[0]
+    if tensor.datatype == "BYTES":
+        return card.is_detector
+    return tensor.shape[2:] != [card.window, card.window]
 
 
 def invert_parameter(parameters: dict) -> bool:
