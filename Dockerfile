@@ -55,8 +55,8 @@ COPY export/ export/
 COPY service/ service/
 COPY loadtest/ loadtest/
 COPY batch/ batch/
-# Behind a TLS-inspecting proxy pip needs the host's CA bundle: `make image` passes $PIP_CERT as the
-# build secret `pip-cert` (mounted for this step only; the image keeps nothing of it).
+# Behind a TLS-inspecting proxy pip needs the host's CA bundle: `make image` passes it as the build
+# secret `pip-cert` (mounted for this step only; the image keeps nothing of it).
 RUN --mount=type=secret,id=pip-cert,required=false \
     if [ -f /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
  && make install VENV=/opt/venv EXTRAS=${EXTRAS} \

@@ -111,18 +111,20 @@ bentomodels: $(VENV)/.installed-$(SERVE_EXTRAS)
 # slim image); the tests build on a debootstrap Debian base (tests/containers.py). VARIANT is given
 # explicitly: podman 4.3's buildah ignores a global ARG's default in `FROM base-${VARIANT}`. podman
 # writes OCI images unless told `--format docker`, which keeps the HEALTHCHECK. The build's pip
-# trusts what pip trusts here ($PIP_CERT, e.g. a TLS-inspecting proxy's CA) through a build secret.
+# trusts what pip trusts here ($PIP_CERT, else the system's CA bundle, which holds a TLS-inspecting
+# proxy's CA where there is one) through a build secret.
 # --force-rm: a failed step leaves no build container behind. IMAGE_EXTRAS: what the image installs
 # (cpu,ray for deploy/ray/rayjob.yaml; gpu-pip: onnxruntime-gpu with NVIDIA's libraries from PyPI).
 ENGINE ?= $(firstword $(foreach e,podman docker,$(if $(shell command -v $(e)),$(e))))
 IMAGE  ?= convserve:latest
 IMAGE_EXTRAS ?= cpu
+BUILD_CA ?= $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 image:
 	@test -n "$(ENGINE)" || { echo "make image needs podman or docker"; exit 1; }
 	$(ENGINE) build --network=host --force-rm --build-arg VARIANT=cpu --build-arg EXTRAS=$(IMAGE_EXTRAS) \
 	  $(if $(BASE),--build-arg BASE=$(BASE)) \
 	  $(if $(filter podman,$(ENGINE)),--format docker) \
-	  $(if $(PIP_CERT),--secret id=pip-cert$(comma)src=$(PIP_CERT)) -t $(IMAGE) .
+	  $(if $(BUILD_CA),--secret id=pip-cert$(comma)src=$(BUILD_CA)) -t $(IMAGE) .
 	$(ENGINE) images $(IMAGE)
 
 clean:
