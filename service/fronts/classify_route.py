@@ -60,9 +60,7 @@ def parse_form(content_type: bytes, data: bytes) -> tuple[dict[str, str], list[t
             raise ServiceError(422, f"unknown form field {part.name!r}; /classify takes "
                                     f"{', '.join(FIELDS)}", "invalid_parameter")
         if part.name == "image" and part.filename is None:
-            raise ServiceError(422, "image must be a file part (curl -F image=@digit.png), not a text "
-                                    "value: the server reads images from the request only, it fetches "
-                                    "nothing a request names", "invalid_image")
+            raise multipart.text_instead_of_file("image", "digit.png")
         if part.name == "image":
             files.append((part.filename or f"image[{len(files)}]", part.content))
         else:

@@ -50,7 +50,7 @@ from service.fronts.asgi import (
     send_bytes,
     until_disconnect,
 )
-from service.pipeline.dataplane import Dataplane
+from service.pipeline.dataplane import Dataplane, scored_whole
 
 log = logging.getLogger("convserve")
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
@@ -85,8 +85,7 @@ class V2Route:
                 status, out, headers = await self.route(scope, receive)
             except (DomainError, ServiceError) as error:
                 e = ServiceError.of(error, V2_STATUS)
-                # 415 and 422 are our REST fronts' (Content-Encoding); the protocol says 400 for those
-                status = 400 if e.status in (415, 422) else e.status
+                status = e.status
                 out = json.dumps({"error": e.message}, ensure_ascii=False).encode()
                 headers = {"content-type": "application/json", **e.headers()}
             await send_bytes(send, status, out, headers)
@@ -125,7 +124,7 @@ class V2Route:
             return answer(config(card, self.settings))
         encoding = header(scope, b"content-encoding")
         if encoding not in (None, "identity"):
-            raise ServiceError(415, f"Content-Encoding {encoding} is not accepted; send the body "
+            raise ServiceError(400, f"Content-Encoding {encoding} is not accepted; send the body "
                                     f"uncompressed")
         body = await read_body(scope, receive, self.settings.max_request_bytes)
         request = tensors.parse_request(body, header(scope, tensors.HEADER_LENGTH.encode()),
@@ -213,9 +212,7 @@ async def infer(plane: Dataplane, card: ModelCard, request: tensors.Request) -> 
 def is_dense(card: ModelCard, request: tensors.Request) -> bool:
     """Whether the request is scored whole (a detector's images, inputs larger than the window)."""
     tensor = request.inputs[0]
-    if tensor.datatype == "BYTES":
-        return card.is_detector
-    return tensor.shape[2:] != [card.window, card.window]
+    return scored_whole(card, None if tensor.datatype == "BYTES" else tuple(tensor.shape[2:]))
 
 
 def invert_parameter(parameters: dict) -> bool:

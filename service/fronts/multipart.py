@@ -26,6 +26,14 @@ class Part(NamedTuple):
 MAX_PARTS = 64 + 3 + 16
 
 
+def text_instead_of_file(field: str, example: str) -> ServiceError:
+    """A text value where a file belongs: 422. BentoML's `Path` inputs download such a value when it
+    looks like a URL; the server reads images from the request only."""
+    return ServiceError(422, f"{field} must be a file part (curl -F {field}=@{example}), not a text value: "
+                             f"the server reads images from the request only, it fetches nothing a "
+                             f"request names", "invalid_image")
+
+
 def parts(content_type: bytes, data: bytes, max_parts: int = MAX_PARTS) -> list[Part]:
     """The body's parts, in order; 400 when it is not well-formed multipart with named parts, 413
     past `max_parts` (counted before anything is built, so a body of a million empty parts costs one

@@ -65,9 +65,7 @@ def parse_form(content_type: bytes, data: bytes) -> tuple[ScoreMapForm, bytes]:
         if part.name != "image":
             fields[part.name] = json_or_text(part.content)
         elif part.filename is None:
-            raise ServiceError(422, "image must be a file part (curl -F image=@page.png), not a text "
-                                    "value: the server reads images from the request only, it fetches "
-                                    "nothing a request names", "invalid_image")
+            raise multipart.text_instead_of_file("image", "page.png")
         elif image is not None:
             raise ServiceError(422, "send one image per /score_map request", "invalid_parameter")
         else:

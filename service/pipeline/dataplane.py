@@ -243,13 +243,14 @@ class Dataplane:
     async def image_scores(self, card: ModelCard, files: list[tuple[str, bytes]], invert: bool) -> np.ndarray:
         """Encoded images → scores (N, K, h, w): a classifier sees each at its window (as /classify);
         a detector scores each whole (as /score_map), one map per image (/v2's `image` input)."""
-        if not card.is_detector:
+        if not scored_whole(card):
             x = await self.decode_windows(files, card, invert)  # (N, C, h, w)
             return await self.infer_windows(card, x)
         self.check_count(len(files))
         every = options.ScoreOptions(outputs={"scores"})  # whole maps, at scale 1, stride factor 1
         costs = [self.page_cost(card, data, name, every) for name, data in files]
-        cost = Cost(sum(c.memory for c in costs), sum(c.scored_pixels for c in costs), costs[0].parts)
+        parts = {part: sum(c.parts.get(part, 0) for c in costs) for part in costs[0].parts}
+        cost = Cost(sum(c.memory for c in costs), sum(c.scored_pixels for c in costs), parts)
         cost.check(self.budgets, DENSE_ADVICE)
         return _stack(await self.run_dense(cost, self._page_maps, card, files, invert))
 
@@ -277,7 +278,7 @@ class Dataplane:
             raise TooLarge(f"{x.shape[2]}×{x.shape[3]} pixels per image, over the limit of "
                            f"{self.settings.max_image_pixels}")
         x = np.array(x)  # own, writable memory: the body's bytes go once the request is answered
-        if x.shape[2:] == (card.window, card.window):
+        if not scored_whole(card, x.shape[2:]):
             self.check_count(len(x))
             return await self.infer_windows(card, x)  # (N, K, 1, 1)
         cost = pixels_cost(card, len(x), x.shape[2], x.shape[3])
@@ -289,6 +290,12 @@ class Dataplane:
             return [dense.tiled(infer, xi, card, tile_pixels, side).scores for xi in x]
 
         return _stack(await self.run_dense(cost, maps))
+
+
+def scored_whole(card: ModelCard, hw: tuple[int, ...] | None = None) -> bool:
+    """Whether a request is scored as whole images (a dense job) rather than batched at the window:
+    encoded images (hw None) when the model is a detector, pixels when larger than the window."""
+    return card.is_detector if hw is None else tuple(hw) != (card.window, card.window)
 
 
 def _stack(maps: list[np.ndarray]) -> np.ndarray:
