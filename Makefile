@@ -14,7 +14,8 @@ comma := ,
 export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint artifacts store serve loadtest soak bench bench-datapath bentomodels image clean
+.PHONY: install test lint artifacts store serve loadtest soak bench bench-triton-venv bench-datapath bentomodels image \
+	clean
 
 # One stamp per set of extras: .venv/.installed-cpu (`make serve`), .venv/.installed-cpu,train,dev,ray
 # (`make install`, `make test`, `make artifacts`, ...). Whichever runs first creates the venv; a later,
@@ -89,9 +90,29 @@ soak: install store
 # The speed benchmarks of BENCHMARKS.md, side by side in one run (~8 min; AlexNet is exported on first
 # use; served load from Debian's wrk): results/bench/report.md and results.json. Stop other load on the
 # machine first.
-bench: install
+# BENCH_TRITON=1 first makes the PyTriton venv (below); the bench races PyTriton whenever it exists.
+bench: install $(if $(BENCH_TRITON),bench-triton-venv)
 	$(call need_models,$(SHIPPED))
 	$(PY) -m bench --out results/bench $(BENCH_ARGS)
+
+# The bench's Triton peer (loadtest/triton_peer.py): NVIDIA PyTriton (tritonserver's HTTP/gRPC fronts
+# and dynamic batcher) in a venv of its own, ~450 MB, no bentoml, no torch. Its Python must have a
+# shared libpython (lib/libpython3.X.so): tritonserver's Python backend stub loads it, and with the
+# system's 3.11 the stub picked up Debian's libpython and failed. pyenv's 3.12.1 has one. onnxruntime
+# is the version .venv runs, so both servers run the same kernels.
+TRITON_PYTHON ?= $(HOME)/.pyenv/versions/3.12.1/bin/python3.12
+TRITON_VENV := .venv-triton
+bench-triton-venv: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed: constraints.txt | $(VENV)/.installed-$(SERVE_EXTRAS)
+	@test -x $(TRITON_PYTHON) || { echo "no $(TRITON_PYTHON): give TRITON_PYTHON=<a Python 3.12 built \
+	  with --enable-shared>"; exit 1; }
+	@ls $(dir $(TRITON_PYTHON))../lib/libpython3*.so >/dev/null 2>&1 || { echo "$(TRITON_PYTHON) has no \
+	  shared libpython in $(dir $(TRITON_PYTHON))../lib: tritonserver's Python stub needs one"; exit 1; }
+	$(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet -c constraints.txt nvidia-pytriton numpy pillow \
+	  onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')
+	touch $@
 
 # The data path's levers (uint8 input head, top-k in the graph, IO binding, fp16) and /score_map end to
 # end vs model time, in one run (~5 min on 2 cores): results/datapath/. On a GPU machine (the `gpu`
@@ -128,4 +149,4 @@ image:
 	$(ENGINE) images $(IMAGE)
 
 clean:
-	rm -rf $(VENV) artifacts results .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) artifacts results .pytest_cache

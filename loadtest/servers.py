@@ -3,6 +3,7 @@ serve`) or the FastAPI baseline. Used by the tests and by the benchmarks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -102,3 +103,91 @@ class BaselineServer(Server):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "loadtest.baseline", "--port", str(self.port), "--model", self.model,
                 "--workers", str(self.workers), "--threads", str(self.threads)]
+
+
+TRITON_VENV = ROOT / ".venv-triton"  # `make bench-triton-venv`
+
+
+def triton_python(venv: Path = TRITON_VENV) -> Path | None:
+    """The Triton venv's Python, or None where `make bench-triton-venv` has not made it."""
+    python = venv / "bin" / "python"
+    return python if python.exists() and (venv / ".installed").exists() else None
+
+
+def stored_card(home: Path, model: str) -> tuple[Path, dict]:
+    """The store's latest `model`: its model.onnx and what preprocessing needs from its card, read
+    from the store's files (model.yaml), as a process without bentoml reads them."""
+    import yaml
+
+    folder = home / "models" / model
+    folder = folder / (folder / "latest").read_text().strip()
+    meta = yaml.safe_load((folder / "model.yaml").read_text())["metadata"]
+    spec = meta["input"]
+    card = {k: spec[k] for k in ("mode", "width", "height", "channels", "mean", "std", "scale")}
+    return folder / "model.onnx", {**card, "labels": meta["labels"]}
+
+
+class TritonServer(Server):
+    """loadtest/triton_peer.py: `model` from the store at `home` served by PyTriton (tritonserver's HTTP
+    and gRPC fronts, its dynamic batcher) under the Triton venv's Python 3.12. Triton's Python backend
+    stub loads libpython3.12.so: LD_LIBRARY_PATH points at the lib/ of the Python the venv was made
+    from (pyvenv.cfg's home), else the stub finds another libpython (Debian's 3.11) and fails.
+    tritonserver is a child of that Python, and outlives it when only its parent is stopped: stop()
+    signals the whole process group (start_new_session). `grpc_port` is there for a gRPC race.
+
+    max_queue_delay_us: how long Triton's batcher may hold a request for a fuller batch. 100 µs: 1 %
+    of a request's latency at 32 connections (~10-30 ms here), and about what one LeNet image costs
+    in onnxruntime (~30 µs) times the few requests that arrive meanwhile at ~1,000-3,000 req/s; convserve
+    itself waits 0 ms (CONVSERVE_BATCH_WAIT_MS) and batches what queued while the model ran."""
+
+    ready_path = "/v2/models/lenet5/ready"
+
+    def __init__(self, home: Path, log: Path, model: str = "lenet5", venv: Path = TRITON_VENV,
+                 max_batch_size: int = 64, max_queue_delay_us: int = 100, threads: int = 1) -> None:
+        python = triton_python(venv)
+        if python is None:
+            raise RuntimeError(f"no Triton venv at {venv}: make bench-triton-venv")
+        onnx, card = stored_card(Path(home), model)
+        self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log, self.ready_path = log, f"/v2/models/{model}/ready"
+        workspace = log.parent / f"{log.stem}.workspace"  # PyTriton's sockets, not ~/.cache
+        base = next(line.split("=", 1)[1].strip() for line in (venv / "pyvenv.cfg").read_text().splitlines()
+                    if line.startswith("home"))
+        lib = str(Path(base).parent / "lib")
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [lib, os.environ.get(
+            "LD_LIBRARY_PATH")])), "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [str(python), str(ROOT / "loadtest" / "triton_peer.py"), "--onnx", str(onnx),
+                   "--card", json.dumps(card), "--name", model, "--http-port", str(self.port),
+                   "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+                   "--workspace", str(workspace), "--threads", str(threads),
+                   "--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(max_queue_delay_us)]
+        self.process = subprocess.Popen(command, cwd=log.parent, env=env, stdout=open(log, "w"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self) -> TritonServer:
+        try:
+            self.readiness(timeout=180)  # ~15 s on an idle 2-core machine: tritonserver, then the model
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM to the group (PyTriton stops tritonserver; tritonserver also stops on its own), then
+        SIGKILL to whatever of the group is left, the Python parent gone or not."""
+        pid = self.process.pid
+        if self.process.poll() is None:
+            os.killpg(pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for _ in range(100):  # the group outlives its leader: wait for tritonserver and the proxies too
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+        self.process.wait()

@@ -14,6 +14,7 @@ in time; only loopback hosts are accepted, exactly as in loadtest.run. Needs Deb
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import secrets
 import shutil
@@ -48,25 +49,38 @@ def multipart(data: bytes, fields: dict[str, str], boundary: str) -> bytes:
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
-def v2_bodies(files: list[bytes]) -> tuple[list[bytes], str]:
-    """Open Inference Protocol infer bodies, one file each as a binary BYTES tensor `image` with binary
-    outputs (tritonclient's default), and their shared Inference-Header-Content-Length: the JSON
-    headers are padded with spaces (valid JSON) to one length, since wrk sends one set of headers."""
-    heads = [json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": 4 + len(data)}}],
-                         "parameters": {"binary_data_output": True}}).encode() for data in files]
+Spec = tuple[str, str, list[int]]  # a tensor input: (name, datatype, shape)
+
+
+def v2_bodies(files: list[bytes], tensor: Spec | None = None) -> tuple[list[bytes], str]:
+    """Open Inference Protocol infer bodies with binary outputs (tritonclient's default), and their
+    shared Inference-Header-Content-Length: the JSON headers are padded with spaces (valid JSON) to one
+    length, since wrk sends one set of headers. Each of `files` is one binary BYTES tensor `image` [1, 1]
+    (a PNG or JPEG file); with `tensor` = (name, datatype, shape) each is that tensor's raw little-endian
+    bytes instead (e.g. ("input", "FP32", [1, 1, 28, 28]): normalized pixels, as Triton takes them)."""
+    def head(data: bytes) -> dict:
+        if tensor is None:
+            return {"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 4 + len(data)}}
+        name, datatype, shape = tensor
+        return {"name": name, "shape": shape, "datatype": datatype,
+                "parameters": {"binary_data_size": len(data)}}
+
+    heads = [json.dumps({"inputs": [head(data)], "parameters": {"binary_data_output": True}}).encode()
+             for data in files]
     length = max(map(len, heads))
-    bodies = [head.ljust(length) + len(data).to_bytes(4, "little") + data
-              for head, data in zip(heads, files, strict=True)]
+    prefix = (lambda data: len(data).to_bytes(4, "little")) if tensor is None else (lambda data: b"")
+    bodies = [h.ljust(length) + prefix(data) + data for h, data in zip(heads, files, strict=True)]
     return bodies, f"Inference-Header-Content-Length: {length}"
 
 
 def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int, threads: int = 1,
         fields: dict[str, str] | None = None, out: Path | None = None, protocol: str = "multipart",
-        headers: dict[str, str] | None = None) -> dict:
+        headers: dict[str, str] | None = None, tensor: Spec | None = None) -> dict:
     """POST `bodies` (the raw files, cycled) to url+path for `seconds` over `connections` keep-alive
-    connections, as multipart forms or (protocol="v2") Open Inference Protocol infer requests.
-    Latencies in ms; socket_errors counts connect/read/write errors and timeouts."""
+    connections, as multipart forms or (protocol="v2") Open Inference Protocol infer requests (`tensor`:
+    see v2_bodies). Latencies in ms; socket_errors counts connect/read/write errors and timeouts;
+    bodies_sha256: one digest of every body sent and the headers (equal digests: identical requests)."""
     if not loopback(url):
         raise SystemExit(f"error: {url} is not a loopback address; load tests only target this machine")
     if not 1 <= seconds <= MAX_SECONDS:
@@ -83,7 +97,7 @@ def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int
         boundary = "convserve" + secrets.token_hex(12)
     extra = [f"{k}: {v}" for k, v in (headers or {}).items()]  # e.g. Authorization
     if protocol == "v2":
-        prepared, length = v2_bodies(bodies)
+        prepared, length = v2_bodies(bodies, tensor)
         headers = ["application/octet-stream", length, *extra]
     else:
         prepared = [multipart(data, fields or {}, boundary) for data in bodies]
@@ -107,7 +121,14 @@ def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int
             **{f"{k}_ms": round(r[f"{k}_us"] / 1000, 2) for k in ("p50", "p90", "p99", "max")},
             "non_2xx": r["non_2xx"],
             "socket_errors": {k: r[k] for k in ("connect", "read", "write", "timeout")},
-            "connections": connections, "seconds": seconds}
+            "connections": connections, "seconds": seconds, "bodies_sha256": digest(prepared, headers)}
+
+
+def digest(bodies: list[bytes], headers: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in [*bodies, *(s.encode() for s in headers)]:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> None:
