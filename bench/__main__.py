@@ -9,6 +9,8 @@
 4. int8 vs fp32: speed and agreement
 5. latency per concurrency (1, 4, 16, 64 connections)
 6. the engine under GIL pressure (in-process, idle vs busy event loop), new batch shapes and padding
+7. convserve's /v2 vs NVIDIA PyTriton on the same ONNX file (FP32 tensors, BYTES PNGs), /classify vs the
+   FastAPI baseline in the same rounds (bench/peers.py; skipped without `make bench-triton-venv`)
 
 Served load comes from wrk (loadtest/wrk.py), which leaves the server more of the 2 cores than locust.
 
@@ -33,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench import gil, inprocess, report, served
+from bench import gil, inprocess, peers, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from modelcard import ModelCard
@@ -169,6 +171,7 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
                                      for c in (1, 4, 16, 64)]
                               for name, url in (("convserve", conv.url), ("baseline", base.url))}
     run_layouts(results, home, out, digits, seconds, rounds)
+    results["pytriton"] = peers.run(home, out / "peers", seconds, rounds)
 
 
 def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], seconds: int, rounds: int) -> None:

@@ -79,6 +79,41 @@ def goals(r: dict) -> list[tuple[str, str, str, bool]]:
     return rows
 
 
+def peer_goals(p: dict) -> list[tuple[str, str, str, bool]]:
+    """convserve vs PyTriton (and /classify vs the FastAPI baseline) in the same rounds: req/s ratio ≥
+    1.5× with a p99 no worse than the peer's."""
+    names = {"v2 FP32": "/v2 req/s ÷ PyTriton's, FP32 tensor bodies",
+             "v2 BYTES PNG": "/v2 req/s ÷ PyTriton's, BYTES PNG bodies",
+             "classify": "/classify req/s ÷ FastAPI baseline's, 1 worker each, same rounds as PyTriton"}
+    rows = []
+    for key, x in p.get("ratios", {}).items():
+        ours, theirs = x["p99_ms"]
+        same = "identical bodies" if x["identical_bodies"] else "**bodies differ**"
+        rows.append((names[key], "≥ 1.5× at ≤ p99", f"{x['rps_ratio']:.2f}× (p99 {ours:g} vs {theirs:g} ms; "
+                     f"{same})", x["rps_ratio"] >= 1.5 and ours <= theirs))
+    return rows
+
+
+def peers(p: dict) -> list[str]:
+    """The race's section: its goals and, per server, the median and range over rounds."""
+    lines = ["\n## convserve /v2 vs PyTriton (Triton's HTTP front and dynamic batcher), same ONNX file\n"]
+    if "skipped" in p:
+        return [*lines, p["skipped"]]
+    c, first = p["pytriton"], next(iter(p["rows"].values()))
+    lines += [f"wrk, {first['connections']} connections, {first['rounds']} alternating rounds of "
+              f"{first['seconds']} s. PyTriton 0.7.0: max_batch_size {c['max_batch_size']}, "
+              f"max_queue_delay {c['max_queue_delay_us']} µs, onnxruntime threads "
+              f"{c['onnxruntime_threads']}.\n",
+              "| goal | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {g} | {t} | {v} | {_met(ok)} |" for g, t, v, ok in peer_goals(p)]
+    lines += ["", "| server, bodies | req/s median (range) | p50 ms | p99 ms median (range) | failures | "
+              "bodies sha256 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {x['rps']:g} ({x['rps_range'][0]:g}-{x['rps_range'][1]:g}) | {x['p50_ms']:g} | "
+              f"{x['p99_ms']:g} ({x['p99_ms_range'][0]:g}-{x['p99_ms_range'][1]:g}) | {x['failures']} | "
+              f"{', '.join(x['bodies_sha256'])} |" for name, x in p["rows"].items()]
+    return lines
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = ["# Benchmark report\n",
@@ -87,6 +122,8 @@ def markdown(r: dict) -> str:
              f"took {r['seconds']} s. AlexNet weights: {'trained' if r['alexnet_trained'] else 'random'}.\n",
              "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {g} | {t} | {v} | {_met(ok)} |" for g, t, v, ok in goals(r)]
+    if "pytriton" in r:
+        lines += peers(r["pytriton"])
     lines += ["\n## Dense one pass vs every window as a crop\n",
               "| where | model | image | windows | one pass ms | every window ms | speed-up | FLOP ratio |",
               "|---|---|---|---|---|---|---|---|"]

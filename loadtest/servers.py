@@ -114,17 +114,14 @@ def triton_python(venv: Path = TRITON_VENV) -> Path | None:
     return python if python.exists() and (venv / ".installed").exists() else None
 
 
-def stored_card(home: Path, model: str) -> tuple[Path, dict]:
-    """The store's latest `model`: its model.onnx and what preprocessing needs from its card, read
-    from the store's files (model.yaml), as a process without bentoml reads them."""
+def stored_model(home: Path, model: str) -> tuple[Path, dict]:
+    """The store's latest `model`: its model.onnx and its card (the model's metadata), read from the
+    store's files (latest, model.yaml) as a process without bentoml can."""
     import yaml
 
     folder = home / "models" / model
     folder = folder / (folder / "latest").read_text().strip()
-    meta = yaml.safe_load((folder / "model.yaml").read_text())["metadata"]
-    spec = meta["input"]
-    card = {k: spec[k] for k in ("mode", "width", "height", "channels", "mean", "std", "scale")}
-    return folder / "model.onnx", {**card, "labels": meta["labels"]}
+    return folder / "model.onnx", yaml.safe_load((folder / "model.yaml").read_text())["metadata"]
 
 
 class TritonServer(Server):
@@ -144,10 +141,14 @@ class TritonServer(Server):
 
     def __init__(self, home: Path, log: Path, model: str = "lenet5", venv: Path = TRITON_VENV,
                  max_batch_size: int = 64, max_queue_delay_us: int = 100, threads: int = 1) -> None:
+        self.max_batch_size, self.max_queue_delay_us, self.threads = max_batch_size, max_queue_delay_us, \
+            threads
         python = triton_python(venv)
         if python is None:
             raise RuntimeError(f"no Triton venv at {venv}: make bench-triton-venv")
-        onnx, card = stored_card(Path(home), model)
+        onnx, meta = stored_model(Path(home), model)
+        spec = ("mode", "width", "height", "channels", "mean", "std", "scale")  # what the peer needs
+        card = {**{k: meta["input"][k] for k in spec}, "labels": meta["labels"]}
         self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log, self.ready_path = log, f"/v2/models/{model}/ready"

@@ -76,7 +76,8 @@ def v2_bodies(files: list[bytes], tensor: Spec | None = None) -> tuple[list[byte
 
 def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int, threads: int = 1,
         fields: dict[str, str] | None = None, out: Path | None = None, protocol: str = "multipart",
-        headers: dict[str, str] | None = None, tensor: Spec | None = None) -> dict:
+        headers: dict[str, str] | None = None, tensor: Spec | None = None,
+        boundary: str | None = None) -> dict:
     """POST `bodies` (the raw files, cycled) to url+path for `seconds` over `connections` keep-alive
     connections, as multipart forms or (protocol="v2") Open Inference Protocol infer requests (`tensor`:
     see v2_bodies). Latencies in ms; socket_errors counts connect/read/write errors and timeouts;
@@ -92,7 +93,7 @@ def run(url: str, path: str, bodies: list[bytes], seconds: int, connections: int
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed: apt-get install wrk (Debian/Ubuntu)")
-    boundary = "convserve" + secrets.token_hex(12)
+    boundary = boundary or "convserve" + secrets.token_hex(12)  # a fixed one: identical bodies each run
     while any(boundary.encode() in b for b in bodies):
         boundary = "convserve" + secrets.token_hex(12)
     extra = [f"{k}: {v}" for k, v in (headers or {}).items()]  # e.g. Authorization
