@@ -75,15 +75,18 @@ def race(entries: dict[str, dict], rounds: int, connections: int, seconds: int, 
     return {name: summary(rs) for name, rs in runs.items()}
 
 
+PAIRS = {"v2 FP32": ("convserve /v2 FP32", "PyTriton /v2 FP32"),
+         "v2 BYTES PNG": ("convserve /v2 BYTES PNG", "PyTriton /v2 BYTES PNG"),
+         "classify": ("convserve /classify", "FastAPI baseline /classify")}
+PAIRS_FLAT = [name for pair in PAIRS.values() for name in pair]
+
+
 def ratios(rows: dict) -> dict:
     """convserve ÷ its peer: req/s, and each side's p99, for every pair raced."""
-    pairs = {"v2 FP32": ("convserve /v2 FP32", "PyTriton /v2 FP32"),
-             "v2 BYTES PNG": ("convserve /v2 BYTES PNG", "PyTriton /v2 BYTES PNG"),
-             "classify": ("convserve /classify", "FastAPI baseline /classify")}
     return {k: {"rps_ratio": round(rows[a]["rps"] / rows[b]["rps"], 2), "p99_ms": [rows[a]["p99_ms"],
                                                                                   rows[b]["p99_ms"]],
                 "identical_bodies": rows[a]["bodies_sha256"] == rows[b]["bodies_sha256"]}
-            for k, (a, b) in pairs.items() if a in rows and b in rows}
+            for k, (a, b) in PAIRS.items() if a in rows and b in rows}
 
 
 def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +154,10 @@ class TritonServer(Server):
         self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log, self.ready_path = log, f"/v2/models/{model}/ready"
-        workspace = log.parent / f"{log.stem}.workspace"  # PyTriton's sockets, not ~/.cache
+        # PyTriton's workspace (its zmq sockets, tritonserver's model store): a short path, since a unix
+        # socket's path has at most 107 bytes (a pytest tmp_path ran over), removed by stop() even when
+        # the peer had to be killed (its own default, under ~/.cache/pytriton, then stays behind)
+        self.workspace = Path(tempfile.mkdtemp(prefix="pytriton-"))
         base = next(line.split("=", 1)[1].strip() for line in (venv / "pyvenv.cfg").read_text().splitlines()
                     if line.startswith("home"))
         lib = str(Path(base).parent / "lib")
@@ -161,7 +166,7 @@ class TritonServer(Server):
         command = [str(python), str(ROOT / "loadtest" / "triton_peer.py"), "--onnx", str(onnx),
                    "--card", json.dumps(card), "--name", model, "--http-port", str(self.port),
                    "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-                   "--workspace", str(workspace), "--threads", str(threads),
+                   "--workspace", str(self.workspace / "w"), "--threads", str(threads),
                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(max_queue_delay_us)]
         self.process = subprocess.Popen(command, cwd=log.parent, env=env, stdout=open(log, "w"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -188,7 +193,9 @@ class TritonServer(Server):
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
-                return
+                break
             time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-        self.process.wait()
+        else:
+            os.killpg(pid, signal.SIGKILL)
+            self.process.wait()
+        shutil.rmtree(self.workspace, ignore_errors=True)

@@ -3,13 +3,21 @@ default model (the numbers `make bench` reports are only as good as these). No t
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
+import httpx
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from bench import inprocess
+from bench import inprocess, peers, report
 from export.card import read_embedded
+from loadtest import samples, wrk
+from loadtest.servers import TritonServer, stored_model, triton_python
 from modelcard import ModelCard
 from service.pipeline import images
 
@@ -69,3 +77,63 @@ def test_int8_default_model_keeps_accuracy(store, mnist):
              for path in (fp32, int8))
     median = float(np.median(np.linalg.norm(q - fp, axis=1) / np.linalg.norm(fp, axis=1)))
     assert 0.001 < median < 0.05, median
+
+
+# PyTriton, the bench's Triton peer (bench/peers.py): skipped cleanly without its venv; where
+# `make bench-triton-venv` made it, a real tritonserver (never a mock) answers as convserve does.
+needs_triton = pytest.mark.skipif(triton_python() is None or shutil.which("wrk") is None,
+                                  reason="no Triton venv (make bench-triton-venv) or no wrk")
+
+
+def test_triton_race_is_skipped_without_its_venv(tmp_path):
+    result = peers.run(tmp_path / "no-store", tmp_path, seconds=1, rounds=1, venv=tmp_path / "no-venv")
+    assert result == {"skipped": peers.SKIPPED}
+    assert report.peers(result)[-1] == "skipped: make bench-triton-venv"
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def probabilities(url: str, body: bytes, header_length: str) -> np.ndarray:
+    r = httpx.post(f"{url}{peers.V2}", content=body, timeout=30,
+                   headers={"Content-Type": "application/octet-stream",
+                            "Inference-Header-Content-Length": header_length.split(": ")[1]})
+    assert r.status_code == 200, r.text
+    head = int(r.headers["inference-header-content-length"])
+    (out,) = json.loads(r.content[:head])["outputs"]
+    assert out["name"] == "probabilities" and out["datatype"] == "FP32", out
+    return np.frombuffer(r.content[head:], "<f4").reshape(out["shape"])
+
+
+@needs_triton
+def test_pytriton_answers_identical_bodies_as_convserve_does(store, server, tmp_path):
+    """The same /v2 bodies (FP32 tensors, BYTES PNGs) to both: the same probabilities, mostly the
+    right digits; and no process of PyTriton's group (tritonserver, its stub) outlives the context."""
+    digits = samples.digits(8)
+    pngs, labels = [d for d, _ in digits], [label for _, label in digits]
+    _, meta = stored_model(store, "lenet5")
+    card = ModelCard.from_dict(meta)
+    tensor = (card.onnx.input, "FP32", [1, 1, 28, 28])
+    with TritonServer(store, tmp_path / "pytriton.log") as triton:
+        assert triton.grpc_port != triton.port
+        for bodies, length in (wrk.v2_bodies(pngs), wrk.v2_bodies(peers.fp32_tensors(card, pngs), tensor)):
+            right = 0
+            for body, label in zip(bodies, labels, strict=True):
+                ours, theirs = (probabilities(url, body, length) for url in (server.url, triton.url))
+                np.testing.assert_allclose(theirs, ours, atol=1e-5)
+                right += int(theirs.argmax()) == label
+            assert right >= 7, right  # the model's own accuracy (98.4 %): 7 of these 8 digits
+        group = triton.process.pid
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
+    assert not triton.workspace.exists()
+
+
+@needs_triton
+def test_triton_race_runs_real_servers(store, tmp_path):
+    """One short round: every server answered every request, and each /v2 pair got identical bodies."""
+    result = peers.run(store, tmp_path, seconds=1, rounds=1, connections=4)
+    assert set(result["rows"]) == set(peers.PAIRS_FLAT), result
+    for name, row in result["rows"].items():
+        assert row["requests"] > 0 and row["failures"] == 0, (name, row)
+    assert all(x["identical_bodies"] for x in result["ratios"].values()), result["ratios"]
+    text = "\n".join(report.peers(result))
+    assert "PyTriton /v2 BYTES PNG" in text and "bodies differ" not in text
