@@ -23,6 +23,7 @@ import os
 import statistics
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from loadtest import samples
@@ -43,15 +44,29 @@ def fp32_tensors(card: ModelCard, pngs: list[bytes]) -> list[bytes]:
     return [spec.normalize(x).astype("<f4").tobytes() for x in pixels]
 
 
+def triton_batches(metrics_url: str) -> dict[str, float]:
+    """Triton's own counters (its /metrics): requests answered and model executions (batches)."""
+    wanted = {"nv_inference_count": "images", "nv_inference_exec_count": "calls"}
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for line in httpx.get(f"{metrics_url}/metrics", timeout=30).text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in wanted:
+            out[wanted[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def summary(runs: list[dict]) -> dict:
     """Median and range over rounds; failures summed (non-2xx answers and socket errors)."""
     out = {"rounds": len(runs), "connections": runs[0]["connections"], "seconds": runs[0]["seconds"],
            "requests": sum(r["requests"] for r in runs),
            "failures": sum(r["non_2xx"] + sum(r["socket_errors"].values()) for r in runs),
            "bodies_sha256": sorted({r["bodies_sha256"] for r in runs})}
+    if "batches" in runs[0]:  # PyTriton: the dynamic batcher's mean batch over all rounds
+        images, calls = (sum(r["batches"][k] for r in runs) for k in ("images", "calls"))
+        out["mean_batch"] = round(images / max(calls, 1), 1)
     for key in ("rps", "p50_ms", "p99_ms"):
         values = [r[key] for r in runs]
-        out[key], out[f"{key}_range"], out[f"rounds_{key}"] = statistics.median(values), [
+        out[key], out[f"{key}_range"], out[f"rounds_{key}"] = round(statistics.median(values), 2), [
             min(values), max(values)], values
     return out
 
@@ -62,9 +77,14 @@ def race(entries: dict[str, dict], rounds: int, connections: int, seconds: int, 
     took a 69 ms p99 in a 1 s run, 3× its later ones)."""
     def one(name: str, s: int, folder: str) -> dict:
         e = entries[name]
-        return loadtest_wrk.run(e["url"], e["path"], e["bodies"], s, connections, protocol=e["protocol"],
-                                tensor=e.get("tensor"), boundary=BOUNDARY,
-                                out=out / name.replace(" ", "_").replace("/", "-") / folder)
+        before = triton_batches(e["metrics"]) if "metrics" in e else None
+        row = loadtest_wrk.run(e["url"], e["path"], e["bodies"], s, connections, protocol=e["protocol"],
+                               tensor=e.get("tensor"), boundary=BOUNDARY,
+                               out=out / name.replace(" ", "_").replace("/", "-") / folder)
+        if before is not None:
+            after = triton_batches(e["metrics"])
+            row["batches"] = {k: after[k] - before[k] for k in after}
+        return row
 
     for name in entries:
         one(name, 1, "warmup")
@@ -112,9 +132,10 @@ def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,
             "convserve /v2 FP32": {"url": conv.url, "path": V2, "protocol": "v2", "bodies": fp32,
                                    "tensor": tensor},
             "PyTriton /v2 FP32": {"url": triton.url, "path": V2, "protocol": "v2", "bodies": fp32,
-                                  "tensor": tensor},
+                                  "tensor": tensor, "metrics": triton.metrics_url},
             "convserve /v2 BYTES PNG": {"url": conv.url, "path": V2, "protocol": "v2", "bodies": pngs},
-            "PyTriton /v2 BYTES PNG": {"url": triton.url, "path": V2, "protocol": "v2", "bodies": pngs},
+            "PyTriton /v2 BYTES PNG": {"url": triton.url, "path": V2, "protocol": "v2", "bodies": pngs,
+                                       "metrics": triton.metrics_url},
             "convserve /classify": {"url": conv.url, "path": "/classify", "protocol": "multipart",
                                     "bodies": pngs},
             "FastAPI baseline /classify": {"url": base.url, "path": "/classify", "protocol": "multipart",

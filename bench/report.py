@@ -106,10 +106,18 @@ def peers(p: dict) -> list[str]:
               f"{c['onnxruntime_threads']}.\n",
               "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {g} | {t} | {v} | {_met(ok)} |" for g, t, v, ok in peer_goals(p)]
-    lines += ["", "| server, bodies | req/s median (range) | p50 ms | p99 ms median (range) | failures | "
-              "bodies sha256 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {x['rps']:g} ({x['rps_range'][0]:g}-{x['rps_range'][1]:g}) | {x['p50_ms']:g} | "
-              f"{x['p99_ms']:g} ({x['p99_ms_range'][0]:g}-{x['p99_ms_range'][1]:g}) | {x['failures']} | "
+    lines += ["", "| server, bodies | req/s median (range) | p50 ms median (range) | p99 ms median (range) | "
+              "failures | bodies sha256 |", "|---|---|---|---|---|---|"]
+
+    def spread(x: dict, key: str) -> str:
+        low, high = x[f"{key}_range"]
+        return f"{x[key]:g} ({low:g}-{high:g})"
+
+    def server(name: str, x: dict) -> str:  # PyTriton's rows: its batcher's mean batch (its /metrics)
+        return f"{name} (mean batch {x['mean_batch']:g})" if "mean_batch" in x else name
+
+    lines += [f"| {server(name, x)} | {spread(x, 'rps')} | {spread(x, 'p50_ms')} | {spread(x, 'p99_ms')} | "
+              f"{x['failures']} | "
               f"{', '.join(x['bodies_sha256'])} |" for name, x in p["rows"].items()]
     return lines
 
