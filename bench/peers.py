@@ -110,8 +110,9 @@ def ratios(rows: dict) -> dict:
 
 
 def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,
-        venv: Path = TRITON_VENV) -> dict:
-    """The race, or {"skipped": …} where the Triton venv is missing."""
+        venv: Path = TRITON_VENV, convserve_threads: int = 0) -> dict:
+    """The race, or {"skipped": …} where the Triton venv is missing. convserve_threads: its
+    CONVSERVE_THREADS (0, its default: cores ÷ workers)."""
     if triton_python(venv) is None:
         return {"skipped": SKIPPED}
     logs = out / "logs"
@@ -125,7 +126,7 @@ def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,
           flush=True)
     # convserve at its defaults (1 worker, intra-op threads = cores); the baseline and PyTriton at 1
     # onnxruntime thread, one model instance: their best for LeNet's ~30 µs forward pass
-    with Server(home, logs / "convserve.log", models="lenet5") as conv, \
+    with Server(home, logs / "convserve.log", models="lenet5", threads=convserve_threads) as conv, \
             TritonServer(home, logs / "pytriton.log", venv=venv) as triton, \
             BaselineServer(home, logs / "baseline.log") as base:
         entries = {
@@ -143,7 +144,7 @@ def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,
         }
         rows = race(entries, rounds, connections, seconds, out / "wrk")
         config = {"max_batch_size": triton.max_batch_size, "max_queue_delay_us": triton.max_queue_delay_us,
-                  "onnxruntime_threads": triton.threads}
+                  "onnxruntime_threads": triton.threads, "convserve_threads": convserve_threads}
     return {"rows": rows, "ratios": ratios(rows), "pytriton": config}
 
 
@@ -153,11 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--convserve-threads", type=int, default=0,
+                   help="convserve's onnxruntime intra-op threads (0: its default, cores ÷ workers)")
     args = p.parse_args(argv)
     from bench import report
 
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-    result = run(home, args.out, args.seconds, args.rounds, args.connections)
+    result = run(home, args.out, args.seconds, args.rounds, args.connections,
+                 convserve_threads=args.convserve_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n".join(report.peers(result)) + "\n"

@@ -103,7 +103,8 @@ def peers(p: dict) -> list[str]:
     lines += [f"wrk, {first['connections']} connections, {first['rounds']} alternating rounds of "
               f"{first['seconds']} s. PyTriton 0.7.0: max_batch_size {c['max_batch_size']}, "
               f"max_queue_delay {c['max_queue_delay_us']} µs, onnxruntime threads "
-              f"{c['onnxruntime_threads']}.\n",
+              f"{c['onnxruntime_threads']}; convserve: 1 worker, onnxruntime threads "
+              f"{c.get('convserve_threads') or 'cores ÷ workers (its default)'}.\n",
               "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {g} | {t} | {v} | {_met(ok)} |" for g, t, v, ok in peer_goals(p)]
     lines += ["", "| server, bodies | req/s median (range) | p50 ms median (range) | p99 ms median (range) | "
