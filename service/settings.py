@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         None, ge=0, description="Python's GIL switch interval in ms; unset: 0.2 on CUDA (a model call "
         "then never waits ~5 ms for a busy event loop to let go of the GIL), Python's 5 ms on CPU (0.2 "
         "made no measurable difference there); 0: Python's default")
+    inline_max_ms: float = Field(
+        1.0, ge=0, description="a CPU model whose batch-1 call takes at most this long at warm-up runs on "
+        "the event loop, batched by loop turn, instead of on its inference thread (engine/inline.py); "
+        "0: always on the thread")
     max_images: int = Field(64, ge=1, description="images in one /classify request")
     max_top_k: int = Field(20, ge=1)
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="HTTP body limit (413 above)")
