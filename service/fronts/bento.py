@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from service.engine import Engine, check_store
 from service.errors import DomainError
-from service.fronts import drain, paths, stack
+from service.fronts import access_log, drain, paths, stack
 from service.fronts.asgi import PlaneHandle, ServiceError
 from service.fronts.classify_route import ClassifyRoute, encode
 from service.fronts.gate import OPEN_PATHS, OPEN_PREFIXES, Gate, Traffic
@@ -55,6 +55,7 @@ if not log.handlers:  # BentoML configures only its own loggers
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    access_log.install(handler)  # the same lines, written ten times a second (access_log.py says why)
 # At import, so that `bentoml serve` stops before it starts workers when a model is missing (engine/store.py)
 check_store(settings.model_tags)
 traffic = Traffic()  # this worker's requests in flight: the gate admits by it, the drain waits on it
