@@ -230,6 +230,7 @@ class RemoteEngine:
                 pass
             channel.sock.close()
         self._fail_pending("the server is shutting down")
+        self.ring.close()
 
     # the hand-off -------------------------------------------------------------------------------------
     def _submit(self, model: str, x: np.ndarray, output: Output, k: int, threshold: float, shed: bool,

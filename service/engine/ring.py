@@ -139,17 +139,21 @@ class Ring:
         return Slot(NO_SLOT, shm.buf, shm.name, shm)
 
     def give(self, slot: Slot) -> None:
+        slot.buf.release()
         if slot.shm is None:
             with self._lock:
                 self._free.append(slot.index)
             return
-        slot.buf.release()
         slot.shm.close()
         slot.shm.unlink()
 
     def close(self) -> None:
-        self.shm.close()
+        """Unlink now (the name goes; the memory once nothing maps it)."""
         self.shm.unlink()
+        try:
+            self.shm.close()
+        except BufferError:  # a slot still held by a caller that never got its answer
+            pass
 
 
 def attach(name: str) -> memoryview:
