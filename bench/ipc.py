@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def handoff(home: Path, requests: int) -> dict:
     finally:
         process.kill()
         process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
     local = Engine.from_store(settings)
     local.warm_up()
     try:
