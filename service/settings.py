@@ -18,6 +18,10 @@ class Settings(BaseSettings):
                         description="store tags to serve, comma-separated (name or name:version); "
                                     "the first is /classify's default")
     workers: int = Field(1, ge=1, description="server processes (each loads every model)")
+    engine: str = Field("local", pattern="^(local|process)$",
+                        description="local: each HTTP worker runs its own engine (sessions, batcher); "
+                                    "process: one engine process per device, fed by every worker "
+                                    "through shared memory (service/engine/remote.py)")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per worker; 0 = cores / workers")
     providers: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                            description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")

@@ -33,16 +33,29 @@ from service.engine.buckets import bucket_sizes
 from service.engine.inline import LoopBatcher
 from service.engine.metrics import Batch
 from service.engine.provider import CUDA
+from service.engine.remote import RemoteEngine
 from service.engine.sessions import Model, Output
 from service.engine.store import check_store
+from service.engine.supervisor import supervise
 from service.engine.worker import ModelWorker
 from service.settings import Settings
 
-__all__ = ["BoundModel", "Engine", "Model", "Output", "check_store"]
+__all__ = ["BoundModel", "Engine", "Model", "Output", "RemoteEngine", "build", "check_store", "supervise"]
 log = logging.getLogger("convserve")
 
 
+def build(settings: Settings) -> Engine | RemoteEngine:
+    """This worker's engine: its own (CONVSERVE_ENGINE=local), or a connection to the engine process
+    of its device (process: started by supervise() in the server's main process). Call in the event
+    loop that will serve (RemoteEngine answers on it)."""
+    if settings.engine == "process":
+        return RemoteEngine.connect(settings)
+    return Engine.from_store(settings)
+
+
 class Engine:
+    ready = True  # in-process: there as long as this process is (RemoteEngine: while connected)
+
     def __init__(self, models: list[Model], settings: Settings,
                  observe: Callable[[Batch], None] = metrics.observe) -> None:
         switch_ms = settings.switch_interval_ms

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from service.engine import Engine, check_store
+from service.engine import build, check_store, supervise
 from service.errors import DomainError
 from service.fronts import access_log, drain, paths, stack
 from service.fronts.asgi import PlaneHandle, ServiceError
@@ -58,6 +58,7 @@ if not log.handlers:  # BentoML configures only its own loggers
     access_log.install(handler)  # the same lines, written ten times a second (access_log.py says why)
 # At import, so that `bentoml serve` stops before it starts workers when a model is missing (engine/store.py)
 check_store(settings.model_tags)
+supervise(settings)  # CONVSERVE_ENGINE=process: the engine processes, started once, here (supervisor.py)
 traffic = Traffic()  # this worker's requests in flight: the gate admits by it, the drain waits on it
 plane = PlaneHandle()  # this worker's data plane, for every front; ConvServe.__init__ builds it
 # this worker's memory for admitted work: bodies being read (the gate) and dense jobs (the data plane)
@@ -134,7 +135,7 @@ side_routes = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
 )
 class ConvServe:
     def __init__(self) -> None:
-        self.dataplane = Dataplane(Engine.from_store(settings), settings, budget)
+        self.dataplane = Dataplane(build(settings), settings, budget)
         plane.set(self.dataplane)
         try:
             drain.install(traffic, self.dataplane, settings.timeout_s)
