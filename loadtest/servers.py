@@ -34,7 +34,9 @@ def own_home(home: Path, folder: Path) -> Path:
 class Server:
     """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords, serving
     the models of the store at `home` from a home of its own beside `log` (see own_home). `cwd`: the
-    source tree whose `service` package it serves (this checkout's by default)."""
+    source tree whose `service` package it serves (this checkout's by default). Its gRPC front listens
+    on a free loopback port of its own too (`grpc_target`), not on 8001, which servers side by side
+    would share (SO_REUSEPORT with several workers) or fight over."""
 
     ready_path = "/readyz"
 
@@ -42,6 +44,8 @@ class Server:
                  **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        settings = {"grpc_port": free_port(), "grpc_host": "127.0.0.1", **settings}
+        self.grpc_target = f"127.0.0.1:{settings['grpc_port']}"
         self.log = log
         self.home = own_home(Path(home), log.parent / f"{log.stem}.home")
         env = {**os.environ, **(env or {}), "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "true",

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
                                    "rollout; 401 without one of them, 403 when unset); API keys do not "
                                    "roll out. Set but holding no key: the server refuses to start")
     access_log: bool = Field(True, description="one log line per request, with its X-Request-ID")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC "
+                           "(fronts/grpc_server.py) on this port, in every worker; 8001 is Triton's gRPC "
+                           "port, so Triton clients' defaults find it; 0 turns it off")
+    grpc_host: str = Field("0.0.0.0", description="the address gRPC listens on (BentoML's HTTP default)")
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from service.engine import build, check_store, supervise
 from service.errors import DomainError
-from service.fronts import access_log, drain, paths, stack
+from service.fronts import access_log, drain, grpc_server, paths, stack
 from service.fronts.asgi import PlaneHandle, ServiceError
 from service.fronts.classify_route import ClassifyRoute, encode
 from service.fronts.gate import OPEN_PATHS, OPEN_PREFIXES, Gate, Traffic
@@ -154,9 +154,17 @@ class ConvServe:
     def __is_ready__(self) -> bool:
         return self.dataplane.ready
 
+    @bentoml.on_startup
+    async def _serve_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC on this worker's loop (fronts/grpc_server.py)."""
+        self.grpc = await grpc_server.start(plane, settings, traffic, budget)
+
     @bentoml.on_shutdown
-    def _close(self) -> None:
-        """Requests still queued when the server stops get an error, not silence."""
+    async def _close(self) -> None:
+        """gRPC calls in flight finish (the drain already waited for them); requests still queued when
+        the server stops get an error, not silence."""
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(settings.timeout_s)
         self.dataplane.close()
 
     async def _classify(self, files: list[tuple[str, bytes]], model: str, top_k: int, invert: bool) -> Any:

@@ -94,8 +94,13 @@ def loggable(text: str) -> str:
 
 
 def authorized(scope, digests: list[bytes]) -> bool:
-    """Bearer token against every key, in constant time: digests of equal length, no early exit."""
-    scheme, _, token = header_bytes(scope, b"authorization").partition(b" ")
+    return bearer_matches(header_bytes(scope, b"authorization"), digests)
+
+
+def bearer_matches(value: bytes, digests: list[bytes]) -> bool:
+    """An Authorization value (HTTP header or gRPC metadata) against every key, in constant time:
+    digests of equal length, no early exit."""
+    scheme, _, token = value.partition(b" ")
     offered = hashlib.sha256(token.strip()).digest()
     match = False
     for digest in digests:
