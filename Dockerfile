@@ -68,7 +68,7 @@ RUN for f in /tmp/models/*.bentomodel; do /opt/venv/bin/bentoml models import "$
     rm -rf /tmp/models; mkdir -p "$BENTOML_HOME" && chown -R convserve "$BENTOML_HOME"
 
 USER convserve
-EXPOSE 3000
+EXPOSE 3000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD curl -fsS http://127.0.0.1:3000/readyz || exit 1
 CMD ["/opt/venv/bin/bentoml", "serve", "service.service:ConvServe", "--host", "0.0.0.0", "--port", "3000"]

@@ -15,7 +15,7 @@ export BENTOML_DO_NOT_TRACK := true
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install test lint artifacts store serve loadtest soak bench bench-triton-venv bench-datapath bentomodels image \
-	clean
+	clean proto
 
 # One stamp per set of extras: .venv/.installed-cpu (`make serve`), .venv/.installed-cpu,train,dev,ray
 # (`make install`, `make test`, `make artifacts`, ...). Whichever runs first creates the venv; a later,
@@ -150,3 +150,13 @@ image:
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) artifacts results .pytest_cache
+
+# The gRPC front's generated code (service/fronts/triton_proto/, committed): Triton's protos, vendored
+# as they are, compiled by grpcio-tools, their imports made package-absolute (protoc writes
+# `import model_config_pb2`, which only works with that folder on sys.path).
+PROTO_DIR := service/fronts/triton_proto
+proto: install
+	cd $(PROTO_DIR) && ../../../$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	  grpc_service.proto model_config.proto && rm -f model_config_pb2_grpc.py
+	sed -i 's/^import \(model_config_pb2\|grpc_service_pb2\) as/from service.fronts.triton_proto import \1 as/' \
+	  $(PROTO_DIR)/grpc_service_pb2.py $(PROTO_DIR)/grpc_service_pb2_grpc.py

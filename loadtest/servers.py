@@ -37,7 +37,9 @@ def own_home(home: Path, folder: Path) -> Path:
 class Server:
     """`bentoml serve service.service:ConvServe` with CONVSERVE_* settings given as keywords, serving
     the models of the store at `home` from a home of its own beside `log` (see own_home). `cwd`: the
-    source tree whose `service` package it serves (this checkout's by default)."""
+    source tree whose `service` package it serves (this checkout's by default). Its gRPC front listens
+    on a free loopback port of its own too (`grpc_target`), not on 8001, which servers side by side
+    would share (SO_REUSEPORT with several workers) or fight over."""
 
     ready_path = "/readyz"
 
@@ -45,6 +47,8 @@ class Server:
                  **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        settings = {"grpc_port": free_port(), "grpc_host": "127.0.0.1", **settings}
+        self.grpc_target = f"127.0.0.1:{settings['grpc_port']}"
         self.log = log
         self.home = own_home(Path(home), log.parent / f"{log.stem}.home")
         env = {**os.environ, **(env or {}), "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "true",
@@ -158,6 +162,7 @@ class TritonServer(Server):
         self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"  # as Server's: for bench/grpc_race.py
         self.log, self.ready_path = log, f"/v2/models/{model}/ready"
         # PyTriton's workspace (its zmq sockets, tritonserver's model store): a short path, since a unix
         # socket's path has at most 107 bytes (a pytest tmp_path ran over), removed by stop() even when

@@ -52,3 +52,10 @@ class Overloaded(DomainError):
     @property
     def retry_after_s(self) -> float:
         return self.retry_after
+
+
+class EngineUnavailable(Overloaded):
+    """The engine process is gone (restarting): 503 with Retry-After, like any overload, so every
+    front's table already maps it; `kind` tells the two apart."""
+
+    kind = "engine_unavailable"

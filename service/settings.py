@@ -18,6 +18,10 @@ class Settings(BaseSettings):
                         description="store tags to serve, comma-separated (name or name:version); "
                                     "the first is /classify's default")
     workers: int = Field(1, ge=1, description="server processes (each loads every model)")
+    engine: str = Field("local", pattern="^(local|process)$",
+                        description="local: each HTTP worker runs its own engine (sessions, batcher); "
+                                    "process: one engine process per device, fed by every worker "
+                                    "through shared memory (service/engine/remote.py)")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per worker; 0 = cores / workers")
     providers: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                            description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
@@ -39,6 +43,10 @@ class Settings(BaseSettings):
         None, ge=0, description="Python's GIL switch interval in ms; unset: 0.2 on CUDA (a model call "
         "then never waits ~5 ms for a busy event loop to let go of the GIL), Python's 5 ms on CPU (0.2 "
         "made no measurable difference there); 0: Python's default")
+    inline_max_ms: float = Field(
+        1.0, ge=0, description="a CPU model whose batch-1 call takes at most this long at warm-up runs on "
+        "the event loop, batched by loop turn, instead of on its inference thread (engine/inline.py); "
+        "0: always on the thread")
     max_images: int = Field(64, ge=1, description="images in one /classify request")
     max_top_k: int = Field(20, ge=1)
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="HTTP body limit (413 above)")
@@ -82,6 +90,10 @@ class Settings(BaseSettings):
                                    "rollout; 401 without one of them, 403 when unset); API keys do not "
                                    "roll out. Set but holding no key: the server refuses to start")
     access_log: bool = Field(True, description="one log line per request, with its X-Request-ID")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC "
+                           "(fronts/grpc_server.py) on this port, in every worker; 8001 is Triton's gRPC "
+                           "port, so Triton clients' defaults find it; 0 turns it off")
+    grpc_host: str = Field("0.0.0.0", description="the address gRPC listens on (BentoML's HTTP default)")
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -260,13 +260,13 @@ def test_bentoml_client_calls_every_endpoint(server, held, tmp_path):
 
 def test_bytes_tensors_round_trip_and_refuse_cut_data():
     """Triton's BYTES serialization (4-byte little-endian length, then the bytes), without a server."""
+    from service.errors import InvalidInput
     from service.fronts import v2_tensors
-    from service.fronts.asgi import ServiceError
 
     items = [b"", b"\x00\xff", b"png" * 100]
     assert v2_tensors.split_bytes(v2_tensors.join_bytes(items), "x") == items
     theirs = serialize_byte_tensor(np.array(items, dtype=np.object_)).item()  # tritonclient's
     assert theirs == v2_tensors.join_bytes(items) and v2_tensors.split_bytes(theirs, "x") == items
     for cut in (b"\x05\x00\x00\x00abc", b"\x05\x00"):
-        with pytest.raises(ServiceError, match="BYTES element"):
+        with pytest.raises(InvalidInput, match="BYTES element"):
             v2_tensors.split_bytes(cut, "x")

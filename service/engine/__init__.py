@@ -21,6 +21,7 @@ onnxruntime.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Callable
 
@@ -29,17 +30,32 @@ import numpy as np
 from modelcard.reference import topk
 from service.engine import metrics
 from service.engine.buckets import bucket_sizes
+from service.engine.inline import LoopBatcher
 from service.engine.metrics import Batch
 from service.engine.provider import CUDA
+from service.engine.remote import RemoteEngine
 from service.engine.sessions import Model, Output
 from service.engine.store import check_store
+from service.engine.supervisor import supervise
 from service.engine.worker import ModelWorker
 from service.settings import Settings
 
-__all__ = ["BoundModel", "Engine", "Model", "Output", "check_store"]
+__all__ = ["BoundModel", "Engine", "Model", "Output", "RemoteEngine", "build", "check_store", "supervise"]
+log = logging.getLogger("convserve")
+
+
+def build(settings: Settings) -> Engine | RemoteEngine:
+    """This worker's engine: its own (CONVSERVE_ENGINE=local), or a connection to the engine process
+    of its device (process: started by supervise() in the server's main process). Call in the event
+    loop that will serve (RemoteEngine answers on it)."""
+    if settings.engine == "process":
+        return RemoteEngine.connect(settings)
+    return Engine.from_store(settings)
 
 
 class Engine:
+    ready = True  # in-process: there as long as this process is (RemoteEngine: while connected)
+
     def __init__(self, models: list[Model], settings: Settings,
                  observe: Callable[[Batch], None] = metrics.observe) -> None:
         switch_ms = settings.switch_interval_ms
@@ -56,6 +72,7 @@ class Engine:
                                              on_gpu=m.provider == CUDA),
                                 settings.batch_wait_ms, observe, settings.max_queue_ms)
             for m in models}
+        self.inline: dict[str, LoopBatcher] = {}  # models whose window batches run on the loop (warm_up)
 
     @classmethod
     def from_store(cls, settings: Settings) -> Engine:
@@ -78,18 +95,19 @@ class Engine:
         image, (probabilities (N, k), class indices (N, k)), best first, ties in class order; from
         the graph's top-k head where the model has one that reaches k (only those numbers leave the
         device), else from its scores in numpy: the same answers (tests/test_heads.py)."""
-        if output == "scores":
-            futures = self.workers[model].enqueue(x, shed=True)
-            if len(futures) == 1:  # the common case, one event-loop hop fewer than gather
-                return await asyncio.wrap_future(futures[0])
-            return np.concatenate(await asyncio.gather(*map(asyncio.wrap_future, futures)))
-        if output != "topk":
+        worker, inline = self.workers[model], self.inline.get(model)
+        if output not in ("scores", "topk"):
             raise ValueError(f"Engine.infer answers scores or topk, not {output!r}: peaks come from "
                              f"infer_blocking in a dense pipeline's thread")
-        if k > self.workers[model].model.card.topk_k > 0:  # a head, but too short for this k
+        if output == "topk" and k > worker.model.card.topk_k > 0:  # a head, but too short for this k
             return topk((await self.infer(model, x))[:, :, 0, 0], k)
-        futures = self.workers[model].enqueue(x, shed=True, output="topk")
-        parts = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        if inline is not None and x.shape[1:] == worker.model.window_shape:
+            futures = inline.submit(x, output)
+        else:
+            futures = [asyncio.wrap_future(f) for f in worker.enqueue(x, shed=True, output=output)]
+        parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+        if output == "scores":
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
         values = np.concatenate([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
         indices = np.concatenate([i for _, i in parts]) if len(parts) > 1 else parts[0][1]
         if values.shape[1] < k:  # a version with a shorter head was rolled out meanwhile
@@ -137,6 +155,18 @@ class Engine:
     def warm_up(self) -> None:
         for worker in self.workers.values():
             worker.warm_up(self.settings.warmup_rounds, self._dense_sides(worker.model))
+            self._choose_loop(worker)
+
+    def _choose_loop(self, worker: ModelWorker) -> None:
+        """Run `worker`'s window batches on the event loop (inline.py) when its model is a CPU one whose
+        batch-1 call took at most CONVSERVE_INLINE_MAX_MS at warm-up, else on its inference thread."""
+        model = worker.model
+        if model.provider != CUDA and 0 < model.call_ms <= self.settings.inline_max_ms:
+            self.inline.setdefault(model.name, LoopBatcher(worker))
+        else:
+            self.inline.pop(model.name, None)
+        log.info("%s: batch-1 call %.3f ms: window batches run on %s", model.tag, model.call_ms,
+                 "the event loop" if model.name in self.inline else "its inference thread")
 
     def roll_out(self, tag: str) -> tuple[Model, Model]:
         """Load another version of a served model from the store, warm it, and serve it in place of
@@ -151,7 +181,9 @@ class Engine:
         worker = self.workers[name]
         model = load(tag, self.settings)
         worker.warm_up(self.settings.warmup_rounds, self._dense_sides(model), model=model)
-        return model, worker.replace(model)
+        old = worker.replace(model)
+        self._choose_loop(worker)
+        return model, old
 
     def close(self) -> None:
         for worker in self.workers.values():

@@ -60,6 +60,15 @@ def wants_cuda(settings: Settings) -> bool:
                                             and CUDA in ort.get_available_providers())
 
 
+def gpu_ids(settings: Settings) -> list[int]:
+    """The GPUs an engine process each (supervisor.py): CONVSERVE_CUDA_DEVICES (comma-separated ids)
+    when set, else the one CONVSERVE_CUDA_DEVICE. Listed, not probed: a probe would need a CUDA
+    context in the server's main process, and each engine process checks its own session's provider
+    (create_session) anyway."""
+    listed = os.environ.get("CONVSERVE_CUDA_DEVICES", "")
+    return [int(i) for i in listed.split(",") if i.strip()] or [settings.cuda_device]
+
+
 def providers(settings: Settings) -> list:
     if not wants_cuda(settings):
         return [CPU]

@@ -34,6 +34,7 @@ class Model:
     card: ModelCard
     session: ort.InferenceSession
     warmup_ms: float = 0.0
+    call_ms: float = 0.0  # the fastest batch-1 call at warm-up (Engine: inline or on a thread)
     shapes_warmed: list = field(default_factory=list)
     provider_warning: str = ""  # CUDA was wanted (auto) but the session came up on CPU: why
     binder: Binder | None = None  # IO binding for window batches (CUDA by default: binding.py)

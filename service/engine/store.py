@@ -58,3 +58,12 @@ def load(tag: str, settings: Settings) -> Model:
     stored = bentoml.models.get(tag)
     card = ModelCard.from_dict(dict(stored.info.metadata), f"{stored.tag}'s card")
     return open_model(str(stored.tag), card, stored.path_of("model.onnx"), settings)
+
+
+def read_card(tag: str) -> tuple[str, ModelCard]:
+    """A stored model's full tag and card, without opening a session (an HTTP worker of an engine
+    process knows its models this way before the engine is up: remote.py)."""
+    import bentoml
+
+    stored = bentoml.models.get(tag)
+    return str(stored.tag), ModelCard.from_dict(dict(stored.info.metadata), f"{stored.tag}'s card")

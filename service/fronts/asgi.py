@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import json
 import math
 import re
-import uuid
+import secrets
 from collections.abc import Awaitable
 
 from prometheus_client import Histogram
@@ -93,9 +94,16 @@ REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+# Made IDs: 32 hex digits like a UUID's, a random 64-bit prefix per process and a counter. uuid4()
+# reads os.urandom per call: 8 % of the event loop's time on /v2 under load (py-spy, 1 worker).
+_ID_PREFIX, _ID_COUNT = secrets.token_hex(8), itertools.count()
+
+
 def request_id(scope) -> str:
     text = header(scope, b"x-request-id")
-    return text if text is not None and _SANE_ID.fullmatch(text) else uuid.uuid4().hex
+    if text is not None and _SANE_ID.fullmatch(text):
+        return text
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
 async def read_body(scope, receive, limit: int, idle_timeout_s: float | None = None) -> bytes:

@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from service.engine import Engine, check_store
+from service.engine import build, check_store, supervise
 from service.errors import DomainError
-from service.fronts import drain, paths
+from service.fronts import access_log, drain, grpc_server, paths, stack
 from service.fronts.asgi import PlaneHandle, ServiceError
 from service.fronts.classify_route import ClassifyRoute, encode
 from service.fronts.gate import OPEN_PATHS, OPEN_PREFIXES, Gate, Traffic
@@ -55,8 +55,10 @@ if not log.handlers:  # BentoML configures only its own loggers
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    access_log.install(handler)  # the same lines, written ten times a second (access_log.py says why)
 # At import, so that `bentoml serve` stops before it starts workers when a model is missing (engine/store.py)
 check_store(settings.model_tags)
+supervise(settings)  # CONVSERVE_ENGINE=process: the engine processes, started once, here (supervisor.py)
 traffic = Traffic()  # this worker's requests in flight: the gate admits by it, the drain waits on it
 plane = PlaneHandle()  # this worker's data plane, for every front; ConvServe.__init__ builds it
 # this worker's memory for admitted work: bodies being read (the gate) and dense jobs (the data plane)
@@ -121,19 +123,19 @@ side_routes = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
 @bentoml.asgi_app(side_routes, path="/")  # a passive mount: only these routes, shadows nothing
 @bentoml.service(
     workers=settings.workers,
-    # Admission, deadlines and shedding are gate.py's (it says why); BentoML's timeout stays only as a
-    # backstop behind the gate's, and its max_concurrency is off.
+    # Admission, deadlines and shedding are gate.py's (it says why); BentoML's timeout middleware is
+    # removed (fronts/stack.py) and this value, which must be positive, is what BentoML's own clients
+    # would wait; its max_concurrency is off.
     traffic={"timeout": settings.timeout_s + 30},
     # The gate writes one access line per request, with its request ID; BentoML's would be a second.
-    # /classify and /v2 are the hot paths: BentoML's tracing span costs a large share of a LeNet request
-    # (BENCHMARKS.md). Its request metrics still count /classify, and ClassifyRoute adds its own
-    # latency histogram by status.
+    # The hot paths never reach BentoML's tracing or request metrics (fronts/stack.py); /classify and
+    # /v2 infer have their own latency histogram by status (convserve_request_seconds).
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": ["/classify", "/v2/"]},
 )
 class ConvServe:
     def __init__(self) -> None:
-        self.dataplane = Dataplane(Engine.from_store(settings), settings, budget)
+        self.dataplane = Dataplane(build(settings), settings, budget)
         plane.set(self.dataplane)
         try:
             drain.install(traffic, self.dataplane, settings.timeout_s)
@@ -152,9 +154,17 @@ class ConvServe:
     def __is_ready__(self) -> bool:
         return self.dataplane.ready
 
+    @bentoml.on_startup
+    async def _serve_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC on this worker's loop (fronts/grpc_server.py)."""
+        self.grpc = await grpc_server.start(plane, settings, traffic, budget)
+
     @bentoml.on_shutdown
-    def _close(self) -> None:
-        """Requests still queued when the server stops get an error, not silence."""
+    async def _close(self) -> None:
+        """gRPC calls in flight finish (the drain already waited for them); requests still queued when
+        the server stops get an error, not silence."""
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(settings.timeout_s)
         self.dataplane.close()
 
     async def _classify(self, files: list[tuple[str, bytes]], model: str, top_k: int, invert: bool) -> Any:
@@ -224,7 +234,8 @@ class ConvServe:
             return ServiceError.of(e).response()
 
 
-# Middlewares added first are outermost: the gate sees every request first; V2Route answers /v2 (the
+# Middlewares added first are outermost, and all of ours run ahead of BentoML's (fronts/stack.py says
+# why: its timeout middleware was the p99): the gate sees every request first; V2Route answers /v2 (the
 # Open Inference Protocol), ClassifyRoute POST /classify and ScoreMapRoute POST /score_map themselves
 # (see their docstrings); OpenAPIRoute completes BentoML's /docs.json and checks bodies against it;
 # everything else goes on to BentoML.
@@ -235,7 +246,8 @@ ConvServe.add_asgi_middleware(OpenAPIRoute, settings=settings,
                               bentoml_spec=lambda: ConvServe.openapi_spec.asdict())
 ConvServe.add_asgi_middleware(ClassifyRoute, plane=plane, max_request_bytes=settings.max_request_bytes)
 ConvServe.add_asgi_middleware(ScoreMapRoute, plane=plane, max_request_bytes=settings.max_request_bytes)
-# BentoML's request metrics label by path: every route of the document keeps its own label, any other
-# path shares one (fronts/paths.py says why and how).
+stack.install()
+# BentoML's request metrics (for the requests that reach BentoML) label by path: every route of the
+# document keeps its own label, any other path shares one (fronts/paths.py says why and how).
 paths.install(paths.Routes(lambda: [*complete(ConvServe.openapi_spec.asdict(), settings)["paths"],
                                     *OPEN_PATHS], OPEN_PREFIXES))

@@ -19,10 +19,10 @@ decides holds for every route (/classify's raw handler and BentoML's APIs alike)
     log lines   what the client sent (the path) with control characters escaped: a `%0a` in a URL
                 cannot forge a line
 
-Written by hand, and BentoML's own traffic middlewares (max_concurrency, timeout) turned off: BentoML
-places those outside every middleware we can add, they count a request from its first byte (300
-stalled uploads took all 256 slots and locked everyone out: issue 12), answer in their own error
-shape and send no Retry-After.
+Written by hand, and BentoML's own traffic middlewares turned off (max_concurrency) or removed
+(timeout: fronts/stack.py): they count a request from its first byte (300 stalled uploads took all
+256 slots and locked everyone out: issue 12), answer in their own error shape, send no Retry-After,
+and the timeout's never-cancelled timers were the p99 under load.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from prometheus_client import Gauge
 
 from service.errors import Overloaded
-from service.fronts import paths
 from service.fronts.asgi import (
     REQUEST_ID,
     TYPES,
@@ -95,8 +94,13 @@ def loggable(text: str) -> str:
 
 
 def authorized(scope, digests: list[bytes]) -> bool:
-    """Bearer token against every key, in constant time: digests of equal length, no early exit."""
-    scheme, _, token = header_bytes(scope, b"authorization").partition(b" ")
+    return bearer_matches(header_bytes(scope, b"authorization"), digests)
+
+
+def bearer_matches(value: bytes, digests: list[bytes]) -> bool:
+    """An Authorization value (HTTP header or gRPC metadata) against every key, in constant time:
+    digests of equal length, no early exit."""
+    scheme, _, token = value.partition(b" ")
     offered = hashlib.sha256(token.strip()).digest()
     match = False
     for digest in digests:
@@ -119,7 +123,6 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        paths.restore(scope)  # the real path, where the metrics middleware saw only its label
         rid = request_id(scope)
         token = REQUEST_ID.set(rid)
         response = Response(send, rid, protocol_errors=scope["path"].startswith("/v2"))

@@ -190,17 +190,18 @@ def config(card: ModelCard, settings) -> dict:
 
 
 async def infer(plane: Dataplane, card: ModelCard, request: tensors.Request) -> list[tensors.Output]:
-    """decode → (batch) → predict → encode, for one infer request."""
+    """decode → (batch) → predict, for one infer request of either protocol (HTTP /v2 here, gRPC in
+    fronts/grpc_v2.py); its refusals are domain errors, which each front maps with its table."""
     names = input_names(card)
     if len(request.inputs) != 1 or request.inputs[0].name not in names:
         sent = ", ".join(t.name for t in request.inputs)
-        raise ServiceError(400, f"send exactly one input, named one of {', '.join(names)} (got {sent})")
+        raise InvalidInput(f"send exactly one input, named one of {', '.join(names)} (got {sent})")
     tensor = request.inputs[0]
     if tensor.datatype != names[tensor.name]:
-        raise ServiceError(400, f"input {tensor.name!r} takes {names[tensor.name]}, not {tensor.datatype}")
+        raise InvalidInput(f"input {tensor.name!r} takes {names[tensor.name]}, not {tensor.datatype}")
     if tensor.datatype == "BYTES":
         if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-            raise ServiceError(400, f"input 'image' has shape {tensor.shape}: give [N] or [N, 1]")
+            raise InvalidInput(f"input 'image' has shape {tensor.shape}: give [N] or [N, 1]")
         datas = tensor.data if tensor.binary else [decode_base64(t, i) for i, t in enumerate(tensor.data)]
         files = [(f"image[{i}]", data) for i, data in enumerate(datas)]
         scores = await plane.image_scores(card, files, invert_parameter(request.parameters))
@@ -218,7 +219,7 @@ def is_dense(card: ModelCard, request: tensors.Request) -> bool:
 def invert_parameter(parameters: dict) -> bool:
     invert = parameters.get("invert", False)
     if not isinstance(invert, bool):
-        raise ServiceError(400, f'parameters.invert={invert!r}: give true or false')
+        raise InvalidInput(f'parameters.invert={invert!r}: give true or false')
     return invert
 
 
@@ -226,8 +227,8 @@ def decode_base64(text: bytes, i: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ServiceError(400, f"image[{i}] is not base64: in JSON, BYTES images are base64 strings "
-                                f"(or send them binary, tritonclient's default)") from None
+        raise InvalidInput(f"image[{i}] is not base64: in JSON, BYTES images are base64 strings "
+                           f"(or send them binary, tritonclient's default)") from None
 
 
 def select_outputs(card: ModelCard, scores: np.ndarray, request: tensors.Request) -> list[tensors.Output]:
@@ -242,15 +243,15 @@ def select_outputs(card: ModelCard, scores: np.ndarray, request: tensors.Request
         name, params = spec["name"], spec.get("parameters") or {}
         if name == PROBABILITIES:
             if not per_image:
-                raise ServiceError(400, f"'{PROBABILITIES}' is per image: send inputs of "
-                                        f"{card.window}×{card.window}, or ask for "
-                                        f"'{scores_name}' (the score map)")
+                raise InvalidInput(f"'{PROBABILITIES}' is per image: send inputs of "
+                                   f"{card.window}×{card.window}, or ask for "
+                                   f"'{scores_name}' (the score map)")
             values = softmax(scores[:, :, 0, 0], axis=1)  # (N, K)
         elif name == scores_name:
             values = scores
         else:
-            raise ServiceError(400, f"unknown output {name!r}; {card.name} has {PROBABILITIES!r} and "
-                                    f"{scores_name!r}")
+            raise InvalidInput(f"unknown output {name!r}; {card.name} has {PROBABILITIES!r} and "
+                               f"{scores_name!r}")
         binary = params.get("binary_data", binary_default) is True
         classes = params.get("classification", 0)
         if classes:
@@ -264,9 +265,9 @@ def classification(card: ModelCard, values: np.ndarray, k: object, name: str, bi
                    per_image: bool) -> tensors.Output:
     """The classification extension: the top k classes as "value:index:label" per image."""
     if not isinstance(k, int) or k < 1:
-        raise ServiceError(400, f"output {name!r}: classification must be a whole number ≥ 1")
+        raise InvalidInput(f"output {name!r}: classification must be a whole number ≥ 1")
     if not per_image:
-        raise ServiceError(400, f"output {name!r}: classification needs window-sized inputs")
+        raise InvalidInput(f"output {name!r}: classification needs window-sized inputs")
     values = values.reshape(len(values), -1)  # (N, K)
     labels = card.labels
     k = min(k, values.shape[1])

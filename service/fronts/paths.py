@@ -10,9 +10,9 @@ to 2.4 MB (and the multiprocess files under BENTOML_HOME or /tmp with it).
 `install` wraps that middleware's __call__ so that it sees a label instead of the path: a route the
 service has (the OpenAPI document's paths, the open paths, /v2 templated as /v2/models/{name}/…)
 keeps its path, a static prefix becomes `<prefix>*`, anything else `/{unknown}`. The real path travels
-in the scope beside the label and the gate (the next middleware of ours) puts it back before anything
-routes on it, so what a request gets is unchanged; only the label and the tracing span name (the
-OpenTelemetry middleware sits between the two) are bounded.
+in the scope beside the label and `Restore` (innermost: fronts/stack.py puts it there) puts it back
+before BentoML's router sees it, so what a request gets is unchanged; only the label and the tracing
+span name (the OpenTelemetry middleware sits between the two) are bounded.
 """
 
 from __future__ import annotations
@@ -74,7 +74,14 @@ def install(routes: Routes) -> None:
     Metrics.__call__ = labelled
 
 
-def restore(scope) -> None:
-    """Put the real path back where `install`'s wrapper left a label (the gate calls this first)."""
-    if ORIGINAL in scope:
-        scope["path"] = scope.pop(ORIGINAL)
+class Restore:
+    """ASGI middleware: the real path back where `install`'s wrapper left a label."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if ORIGINAL in scope:
+            scope = {**scope, "path": scope[ORIGINAL]}
+            del scope[ORIGINAL]
+        await self.app(scope, receive, send)

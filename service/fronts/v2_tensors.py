@@ -7,6 +7,10 @@ and Triton's binary tensor data extension. numpy only; the front that uses it is
 Written by hand: the codecs that exist live in client packages (tritonclient) or in KServe's server
 (FastAPI, gRPC, Kubernetes client), and the serving image stays free of both. The format is small and
 fully specified: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+
+The checks on a tensor (check_tensor: datatype, shape, counts; from_buffer: bytes against the shape)
+are the protocol's, not HTTP's: the gRPC front (fronts/grpc_v2.py) runs the same ones on its messages.
+They raise domain errors (service/errors.py), which each front maps with its own table.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.fronts.asgi import ServiceError, is_length
+from service.errors import InvalidInput, TooLarge
+from service.fronts.asgi import is_length
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
           "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -26,8 +31,8 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def bad(message: str) -> ServiceError:
-    return ServiceError(400, message)
+def bad(message: str) -> InvalidInput:
+    return InvalidInput(message)
 
 
 @dataclass
@@ -58,8 +63,9 @@ MAX_OUTPUTS = 2  # `probabilities` and the score map: each once
 
 def parse_request(body: bytes, header_length: str | None, max_bytes_elements: int) -> Request:
     """The infer request body → Request, checking every shape against its data, and every count
-    before building: outputs (at most two, no name twice), BYTES elements (413 past
-    max_bytes_elements, before any is split or decoded), JSON depth (400, not a RecursionError)."""
+    before building: outputs (at most two, no name twice), BYTES elements (TooLarge past
+    max_bytes_elements, before any is split or decoded), JSON depth (InvalidInput, not a
+    RecursionError)."""
     if header_length is None:
         head, rest = body, b""
     else:
@@ -80,9 +86,7 @@ def parse_request(body: bytes, header_length: str | None, max_bytes_elements: in
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                 for o in outputs):
         raise bad('"outputs" must be a list of {"name": …, "parameters": {…}}')
-    names = [o["name"] for o in outputs]
-    if len(names) > MAX_OUTPUTS or len(set(names)) < len(names):
-        raise bad(f"outputs {names}: ask for each output once, at most {MAX_OUTPUTS} of them")
+    check_outputs([o["name"] for o in outputs])
     offset, inputs = 0, []
     for raw in request["inputs"]:
         tensor, offset = parse_input(raw, rest, offset, max_bytes_elements)
@@ -97,43 +101,67 @@ def parse_request(body: bytes, header_length: str | None, max_bytes_elements: in
     return Request(inputs, outputs, parameters, None if rid is None else str(rid))
 
 
-def parse_input(raw: object, binary: bytes, offset: int, max_bytes_elements: int) -> tuple[Tensor, int]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        raise bad('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
-    name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
+def check_outputs(names: list[str]) -> None:
+    if len(names) > MAX_OUTPUTS or len(set(names)) < len(names):
+        raise bad(f"outputs {names}: ask for each output once, at most {MAX_OUTPUTS} of them")
+
+
+def check_tensor(name: str, datatype: object, shape: object, max_bytes_elements: int) -> int:
+    """A declared tensor's datatype and shape, checked before any of its data is touched; returns its
+    element count (a Python integer: numpy's int64 wraps [2^32, 2^32, 1, 1] to 0)."""
     if datatype != "BYTES" and datatype not in DTYPES:
         raise bad(f"input {name!r}: unknown datatype {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise bad(f"input {name!r}: shape must be a list of non-negative integers")
     if len(shape) > 8 or not all(not isinstance(d, bool) and d <= MAX_DIM for d in shape):
         raise bad(f"input {name!r}: shape must be a list of at most 8 integers from 0 to {MAX_DIM}")
-    parameters = raw.get("parameters") or {}
     count = math.prod(shape)
     if datatype == "BYTES" and count > max_bytes_elements:
-        raise ServiceError(413, f"input {name!r}: {count} images in one request, over the limit of "
-                                f"{max_bytes_elements}; split the request", "too_many_images")
+        raise TooLarge(f"input {name!r}: {count} images in one request, over the limit of "
+                       f"{max_bytes_elements}; split the request", "too_many_images")
+    return count
+
+
+def from_buffer(name: str, datatype: str, shape: list[int], count: int, chunk: bytes,
+                sent: str) -> np.ndarray | list[bytes]:
+    """A tensor's data from its bytes (Triton's binary layout: little-endian, row-major; BYTES
+    length-prefixed), the size checked against the shape before anything is built. `sent` says where
+    the size came from, for the message (e.g. "binary_data_size says 12")."""
+    if datatype == "BYTES":
+        return check_elements(name, shape, count, split_bytes(chunk, name, count))
+    itemsize = np.dtype(DTYPES[datatype]).itemsize
+    if len(chunk) != count * itemsize:
+        raise bad(f"input {name!r}: shape {shape} of {datatype} is {count * itemsize} bytes, {sent}")
+    return np.frombuffer(chunk, np.dtype(DTYPES[datatype]).newbyteorder("<")).reshape(shape)
+
+
+def check_elements(name: str, shape: list[int], count: int, data: list[bytes]) -> list[bytes]:
+    if len(data) != count:
+        raise bad(f"input {name!r}: shape {shape} holds {count} elements, the data has {len(data)}")
+    return data
+
+
+def parse_input(raw: object, binary: bytes, offset: int, max_bytes_elements: int) -> tuple[Tensor, int]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise bad('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
+    name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
+    count = check_tensor(name, datatype, shape, max_bytes_elements)
+    parameters = raw.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise bad(f"input {name!r}: binary_data_size {size!r} runs past the body's binary part")
         chunk, offset = binary[offset: offset + size], offset + size
-        if datatype == "BYTES":
-            data = split_bytes(chunk, name, count)
-        else:
-            itemsize = np.dtype(DTYPES[datatype]).itemsize
-            if size != count * itemsize:
-                raise bad(f"input {name!r}: shape {shape} of {datatype} is {count * itemsize} bytes, "
-                          f"binary_data_size says {size}")
-            data = np.frombuffer(chunk, DTYPES[datatype]).reshape(shape)
+        data = from_buffer(name, datatype, shape, count, chunk, f"binary_data_size says {size}")
     elif "data" in raw:
         try:
             data = json_data(raw["data"], datatype, shape, name)
         except RecursionError:
             raise bad(f"input {name!r}: data nested deeper than its shape") from None
+        if datatype == "BYTES":
+            check_elements(name, shape, count, data)
     else:
         raise bad(f"input {name!r} has neither data nor binary_data_size")
-    if datatype == "BYTES" and len(data) != count:
-        raise bad(f"input {name!r}: shape {shape} holds {count} elements, the data has {len(data)}")
     return Tensor(name, datatype, shape, data, parameters if isinstance(parameters, dict) else {},
                   size is not None), offset
 

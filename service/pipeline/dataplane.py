@@ -22,7 +22,7 @@ import numpy as np
 
 from modelcard import ModelCard
 from service.engine import Engine
-from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel
+from service.errors import DomainError, EngineUnavailable, InvalidInput, Overloaded, TooLarge, UnknownModel
 from service.pipeline import dense, images, options, score
 from service.pipeline.cost import DENSE_ADVICE, Budgets, Cost, MemoryBudget, dense_cost, pixels_cost
 from service.settings import Settings
@@ -94,7 +94,7 @@ class Dataplane:
 
     @property
     def ready(self) -> bool:
-        return self.warmed and not self.draining
+        return self.warmed and not self.draining and self.engine.ready  # an engine process may be gone
 
     def warm_up(self) -> None:
         self.engine.warm_up()
@@ -155,6 +155,8 @@ class Dataplane:
         """Window-size images through the engine, batched with every front's traffic."""
         try:
             return await self.engine.infer(card.name, x, output, k)
+        except EngineUnavailable:
+            raise
         except Overloaded as e:
             raise Overloaded(f"{card.name} is overloaded: {e}; retry after the Retry-After seconds",
                              e.retry_after) from None

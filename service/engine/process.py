@@ -1,0 +1,245 @@
+"""The engine process: one per device, holding the server's only onnxruntime sessions, fed by every
+HTTP worker through shared memory (ring.py). Started and restarted by supervisor.py.
+
+    python -m service.engine.process --socket /tmp/convserve-engine-XXXX/cpu.sock
+
+It loads and warms every model first and only then listens, so a worker that can connect talks to a
+warmed engine (its /readyz says ready from then on). Each connection gets a thread that reads records
+and puts the images, as views of the worker's slot (no copy until the batch is assembled), straight
+into the model's queue (batcher.py): requests of every worker meet in one queue, so batches form across
+workers. The inference thread's done-callback writes the answer into the slot and sends one record
+back; nothing hops threads beyond what the in-process engine already does.
+
+A connection is either a worker's data connection (HELLO: its ring) or a one-shot control call
+(ROLLOUT). After a rollout every data connection hears the new model list (MODELS), so every worker's
+/models and cards follow. The process exits when its parent (the server) goes (its stdin closes);
+SIGTERM alone does not stop it, so that workers draining after a SIGTERM to the group still have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import Future
+
+from modelcard.reference import topk
+from service.engine import Engine
+from service.engine.ring import (
+    FLAG_SHED,
+    MODEL,
+    NO_SLOT,
+    OP,
+    OP_CANCEL,
+    OP_ERROR,
+    OP_HELLO,
+    OP_INFER,
+    OP_MODELS,
+    OP_RESULT,
+    OP_ROLLOUT,
+    OUTPUT,
+    OUTPUTS,
+    RID,
+    SEG,
+    SLOT,
+    THRESHOLD,
+    Channel,
+    attach,
+    error_record,
+    put_answer,
+    record,
+    view,
+)
+from service.errors import Overloaded
+from service.settings import Settings
+
+log = logging.getLogger("convserve")
+
+
+def describe(engine: Engine) -> dict:
+    """What a worker needs to know of the served models: cards, descriptions, tile sides, in order."""
+    return {"models": [{"tag": m.tag, "card": m.card.to_dict(), "describe": m.describe(),
+                        "tile_side": engine.tile_side(name)} for name, m in engine.models.items()],
+            "max_items": engine.settings.max_batch_size, "pid": os.getpid()}
+
+
+class EngineServer:
+    def __init__(self, engine: Engine, path: str) -> None:
+        self.engine, self.path = engine, path
+        self.names = list(engine.models)  # a record's model field indexes this (rollouts keep names)
+        self.connections: set[Connection] = set()
+        self.lock = threading.Lock()
+        self.rollout_lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a dead predecessor's
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path + ".new")
+        os.rename(self.path + ".new", self.path)  # appears only once listening is possible
+        listener.listen(64)
+        log.info("engine process %d listening on %s", os.getpid(), self.path)
+        while True:
+            sock, _ = listener.accept()
+            threading.Thread(target=Connection(self, sock).run, daemon=True, name="engine-conn").start()
+
+    def models_record(self) -> bytes:
+        return record(OP_MODELS, payload=json.dumps(describe(self.engine)).encode())
+
+    def broadcast_models(self) -> None:
+        data = self.models_record()
+        with self.lock:
+            connections = list(self.connections)
+        for connection in connections:
+            try:
+                connection.channel.send(data)
+            except OSError:
+                pass  # that worker is gone; its reader thread cleans up
+
+
+class Connection:
+    def __init__(self, server: EngineServer, sock: socket.socket) -> None:
+        self.server, self.engine = server, server.engine
+        self.channel = Channel(sock)
+        self.ring: memoryview | None = None
+        self.slot_bytes = 0
+        self.running: dict[int, Future] = {}  # rid → the queue's future, for CANCEL
+
+    def run(self) -> None:
+        self.channel.send(self.server.models_record())  # first thing a worker reads
+        try:
+            while data := self.channel.sock.recv(1 << 16):
+                for fields, payload in self.channel.parse(data):
+                    self.handle(fields, payload)
+        except OSError:
+            pass
+        finally:  # the worker is gone: its queued images are dropped, not run
+            with self.server.lock:
+                self.server.connections.discard(self)
+            for future in list(self.running.values()):
+                future.cancel()
+            self.channel.sock.close()
+
+    def handle(self, fields: tuple, payload: bytes) -> None:
+        op = fields[OP]
+        if op == OP_INFER:
+            self.infer(fields)
+        elif op == OP_CANCEL:
+            future = self.running.get(fields[RID])
+            if future is not None:
+                future.cancel()  # not started: dropped, and its done-callback answers "cancelled"
+        elif op == OP_HELLO:
+            hello = json.loads(payload)
+            self.ring, self.slot_bytes = attach(hello["ring"]), hello["slot_bytes"]
+            with self.server.lock:
+                self.server.connections.add(self)
+        elif op == OP_ROLLOUT:
+            self.roll_out(json.loads(payload)["tag"])
+
+    def buffer(self, fields: tuple) -> memoryview:
+        slot = fields[SLOT]
+        if slot == NO_SLOT:
+            return attach(fields[SEG].rstrip(b"\0").decode())
+        return self.ring[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
+
+    def infer(self, fields: tuple, want: str | None = None) -> None:
+        rid = fields[RID]
+        try:
+            buf = self.buffer(fields)
+            x = view(buf, fields)
+            name = self.server.names[fields[MODEL]]
+            worker = self.engine.workers[name]
+            output, k = OUTPUTS[fields[OUTPUT]], fields[10]
+            if want is None:  # Engine.infer's rule: the graph's top-k head unless too short for k
+                want = "scores" if output == "topk" and k > worker.model.card.topk_k > 0 else output
+            threshold = float(fields[THRESHOLD]) if output == "peaks" else None
+            future = worker.queue.put(x, bool(fields[1] & FLAG_SHED), want, threshold)
+        except Overloaded as e:
+            self.channel.send(error_record(rid, e.kind, e.message, e.retry_after))
+            return
+        except Exception as e:  # noqa: BLE001 - the worker hears of it, the connection lives on
+            log.exception("engine: request %d refused", rid)
+            self.channel.send(error_record(rid, "internal", f"{type(e).__name__}: {e}"))
+            return
+        self.running[rid] = future
+        future.add_done_callback(lambda f: self.answer(f, fields, buf, x.nbytes, output, want, k))
+
+    def answer(self, future: Future, fields: tuple, buf: memoryview, nbytes: int, output: str,
+               want: str, k: int) -> None:
+        """In the inference thread (or the canceller's): the answer into the slot, one record out."""
+        rid = fields[RID]
+        self.running.pop(rid, None)
+        try:
+            if future.cancelled():
+                data = error_record(rid, "cancelled", "cancelled before it ran")
+            elif (e := future.exception()) is not None:
+                data = error_record(rid, getattr(e, "kind", "internal"), str(e),
+                                    getattr(e, "retry_after", None))
+            else:
+                out = future.result()
+                if output == "topk" and want == "scores":
+                    out = topk(out[:, :, 0, 0], k)
+                elif output == "topk" and out[0].shape[1] < k:  # a shorter head rolled out meanwhile
+                    self.infer(fields, want="scores")
+                    return
+                if output == "topk":
+                    out = (out[0][:, :k], out[1][:, :k])
+                arrays = out if isinstance(out, tuple) else (out,)
+                if put_answer(buf, nbytes, arrays):
+                    data = record(OP_RESULT, rid=rid, a=arrays[0], b=arrays[1] if len(arrays) > 1 else None)
+                else:
+                    data = error_record(rid, "internal", "the answer is larger than the request's slot")
+            self.channel.send(data)
+        except OSError:
+            pass  # the worker is gone
+        except Exception:  # noqa: BLE001 - never let a callback kill the inference thread silently
+            log.exception("engine: answering request %d failed", rid)
+
+    def roll_out(self, tag: str) -> None:
+        try:
+            with self.server.rollout_lock:
+                new, old = self.engine.roll_out(tag)
+            answer = {"new": {"tag": new.tag, "warmup_ms": new.warmup_ms},
+                      "old": {"tag": old.tag, "warmup_ms": old.warmup_ms}}
+            kind = None
+        except KeyError as e:
+            answer, kind = {"message": str(e.args[0] if e.args else e)}, "KeyError"
+        except Exception as e:  # noqa: BLE001 - the caller maps it (fronts/bento.py roll_out)
+            kind = "NotFound" if type(e).__name__ == "NotFound" else "ValueError"
+            answer = {"message": str(e)}
+        self.channel.send(record(OP_RESULT if kind is None else OP_ERROR,
+                                 payload=json.dumps({**answer, "type": kind}).encode()))
+        if kind is None:
+            self.server.broadcast_models()
+
+
+def watch_parent() -> None:
+    """Exit when the server that started this process is gone (our stdin, its pipe, closes)."""
+    while sys.stdin.buffer.read(1 << 12):
+        pass
+    log.info("engine process %d: the server is gone, exiting", os.getpid())
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s [%(levelname)s] [engine:%(process)d] %(message)s")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the module docstring says why
+    threading.Thread(target=watch_parent, daemon=True, name="watch-parent").start()
+    engine = Engine.from_store(Settings())
+    engine.warm_up()
+    gc.freeze()  # as in a worker (fronts/bento.py): full collections never walk the models mid-request
+    EngineServer(engine, args.socket).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
