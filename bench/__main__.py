@@ -45,6 +45,7 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGIT_MODELS = ["lenet5", "lenet5-int8", "digit-detector"]
+THREAD = "convserve, engine thread"  # LeNet's window batches on the inference thread (run_layouts)
 
 
 def ensure_alexnet(weights: Path | None) -> bool:
@@ -170,34 +171,43 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
         results["latency"] = {name: [served.wrk(url, digits, c, seconds, out / "wrk" / f"{name}-c{c}")
                                      for c in (1, 4, 16, 64)]
                               for name, url in (("convserve", conv.url), ("baseline", base.url))}
-    run_layouts(results, home, out, digits, seconds, rounds)
+    run_layouts(results, home, out, digits, photos, seconds, rounds)
     results["pytriton"] = peers.run(home, out / "peers", seconds, rounds)
 
 
-def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], seconds: int, rounds: int) -> None:
-    """LeNet at 1 and 2 workers: convserve (Python's switch interval and 0.2 ms) vs the baseline."""
+def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], photos: list[bytes], seconds: int,
+                rounds: int) -> None:
+    """The default layout's evidence. LeNet at 1 and 2 workers: convserve (window batches on the event
+    loop, the default for sub-millisecond models) and the same with them on the inference thread
+    (CONVSERVE_INLINE_MAX_MS=0), vs the FastAPI baseline. AlexNet (fp32, int8) at 2 workers, beside
+    the 1-worker rows of run_served."""
     logs, threads = out / "logs", os.cpu_count() or 1
     logs.mkdir(parents=True, exist_ok=True)
     print(f"served: LeNet, convserve vs FastAPI baseline at 1 and 2 workers, {rounds} rounds", flush=True)
     results["overhead_bound"] = {}
     for workers in (1, 2):
         each = max(1, threads // workers)
-        # The engine's CUDA switch interval (0.2 ms) on this CPU, beside the default: a second convserve
-        # (each Server has a BENTOML_HOME of its own: see loadtest/servers.py).
+        # each Server has a BENTOML_HOME of its own: see loadtest/servers.py
         with Server(home, logs / f"convserve-w{workers}.log", models="lenet5", workers=workers) as conv, \
-                Server(home, logs / f"switch-w{workers}.log",
-                       models="lenet5", workers=workers, switch_interval_ms=0.2) as switch, \
+                Server(home, logs / f"thread-w{workers}.log",
+                       models="lenet5", workers=workers, inline_max_ms=0) as thread, \
                 BaselineServer(home, logs / f"baseline-w{workers}.log", workers=workers) as base:
             before = served.model_counters(conv.url, "lenet5")
-            before_switch = served.model_counters(switch.url, "lenet5")
-            urls = {"convserve": conv.url, "convserve, switch 0.2 ms": switch.url, "baseline": base.url}
+            before_thread = served.model_counters(thread.url, "lenet5")
+            urls = {"convserve": conv.url, THREAD: thread.url, "baseline": base.url}
             rows = served.side_by_side(urls, digits, rounds, 32, seconds, out / "wrk" / f"w{workers}")
             rows["convserve"].update(served.inside(conv.url, "lenet5", before, rounds * seconds))
-            rows["convserve, switch 0.2 ms"].update(served.inside(switch.url, "lenet5", before_switch,
-                                                                  rounds * seconds))
-            for row in (rows["convserve"], rows["convserve, switch 0.2 ms"]):
+            rows[THREAD].update(served.inside(thread.url, "lenet5", before_thread, rounds * seconds))
+            for row in (rows["convserve"], rows[THREAD]):
                 row["inprocess_ms_per_call"] = per_call_ms("lenet5", max(1, round(row["mean_batch"])), each)
         results["overhead_bound"][f"{workers} worker{'s' * (workers > 1)}"] = rows
+    print("served: AlexNet at saturation, 2 workers", flush=True)
+    with Server(home, logs / "alexnet-w2.log", models="alexnet,alexnet-int8", workers=2) as conv:
+        results["compute_bound_2_workers"] = {}
+        for m in ("alexnet", "alexnet-int8"):
+            row = served.saturation(conv.url, m, photos, 16, seconds, out / "wrk" / "w2")
+            row["inprocess_ms_per_call"] = per_call_ms(m, max(1, round(row["mean_batch"])), threads // 2)
+            results["compute_bound_2_workers"][m] = row
 
 
 def main(argv: list[str] | None = None) -> None:
