@@ -59,8 +59,8 @@ class Engine:
     def __init__(self, models: list[Model], settings: Settings,
                  observe: Callable[[Batch], None] = metrics.observe) -> None:
         switch_ms = settings.switch_interval_ms
-        if switch_ms is None:
-            switch_ms = 0.2 if any(m.provider == CUDA for m in models) else 0
+        if switch_ms is None:  # 0.2 ms on every provider now (worker.py: what was measured)
+            switch_ms = 0.2
         if switch_ms:
             # Process-wide: how soon the inference thread gets the GIL back from a busy event loop
             # after onnxruntime returns (worker.py says why and what was measured).

@@ -9,9 +9,10 @@ must take it back to return. With the event loop busy in Python (parsing, decodi
 for the loop to give the GIL up, up to the interpreter's switch interval (5 ms). On an H100, LeNet
 batch 32: 0.33 ms per call alone, 14.9 ms beside a busy Python thread, 0.46 ms with a 0.2 ms interval.
 In-process on this 2-core CPU the same effect is stark (LeNet batch 32 beside a busy event loop: 587 ms
-per call at 5 ms, 6.1 ms at 0.2 ms), but served under load 0.2 ms made no measurable difference (LeNet
-0.95–1.01× the req/s): a real event loop lets the GIL go whenever it waits in epoll. So the default is
-0.2 ms on CUDA and Python's 5 ms on CPU (BENCHMARKS.md, "The engine").
+per call at 5 ms, 6.1 ms at 0.2 ms). Served under load it made no measurable difference to LeNet
+(0.95–1.01× the req/s, and LeNet now runs on the event loop: engine/inline.py), but AlexNet, which
+does run here, served 134 vs 117 img/s at 1 worker (+15 %, 3 alternating rounds). So the default is
+0.2 ms on every provider (BENCHMARKS.md, "The lean hot path").
 """
 
 from __future__ import annotations
