@@ -100,9 +100,13 @@ _ID_PREFIX, _ID_COUNT = secrets.token_hex(8), itertools.count()
 
 
 def request_id(scope) -> str:
-    text = header(scope, b"x-request-id")
-    if text is not None and _SANE_ID.fullmatch(text):
-        return text
+    return taken_or_made(header(scope, b"x-request-id"))
+
+
+def taken_or_made(offered: str | None) -> str:
+    """The client's request ID if it is sane, else a new one (HTTP's header, gRPC's metadata)."""
+    if offered is not None and _SANE_ID.fullmatch(offered):
+        return offered
     return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 

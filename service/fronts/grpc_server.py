@@ -32,14 +32,13 @@ import inspect
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.errors import DomainError, InvalidInput, Overloaded, TooLarge, UnknownModel, Unsupported
-from service.fronts.asgi import _SANE_ID, REQUEST_ID, REQUEST_SECONDS, PlaneHandle
+from service.fronts.asgi import REQUEST_ID, REQUEST_SECONDS, PlaneHandle, taken_or_made
 from service.fronts.gate import IN_FLIGHT, Traffic, bearer_matches, key_digests
 from service.fronts.grpc_v2 import InferenceServicer
 from service.fronts.triton_proto import grpc_service_pb2_grpc as pb_grpc
@@ -104,8 +103,7 @@ class Guard(grpc.aio.ServerInterceptor):
     async def call(self, method: str, behavior, request, context):
         started = time.perf_counter()
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        offered = metadata.get("x-request-id")
-        rid = offered if offered is not None and _SANE_ID.fullmatch(offered) else uuid.uuid4().hex
+        rid = taken_or_made(metadata.get("x-request-id"))
         token = REQUEST_ID.set(rid)
         code = Code.OK
         try:
