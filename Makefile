@@ -73,8 +73,12 @@ artifacts: install
 store: $(VENV)/.installed-$(SERVE_EXTRAS)
 	$(call need_models,lenet5 digit-detector)
 
+# One worker per core unless told otherwise: the default models are LeNet-sized, which served 1.6× the
+# req/s at 2 workers as at 1 on a 2-core CPU, at the same p99 (5,979 vs 3,736; BENCHMARKS.md, "The lean
+# hot path"); a compute-bound model (AlexNet) served 1.7× at 1 worker: CONVSERVE_WORKERS=1 make serve.
+CONVSERVE_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 serve: store
-	$(BENTOML) serve service.service:ConvServe --port $(PORT)
+	CONVSERVE_WORKERS=$(CONVSERVE_WORKERS) $(BENTOML) serve service.service:ConvServe --port $(PORT)
 
 # Against a running server on 127.0.0.1:$(PORT): bounded, headless; CSV + HTML under results/.
 LOADTEST_ARGS ?= --scenario mixed --users 32 --run-time 30
