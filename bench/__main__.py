@@ -21,6 +21,7 @@ weights unless --alexnet-weights gives torchvision's ImageNet state_dict (no dow
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench import gil, inprocess, peers, report, served
+from bench import gil, grpc_race, inprocess, peers, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from modelcard import ModelCard
@@ -167,6 +168,9 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
             results["compute_bound"][m] = row
         print("served: /classify vs /v2 (the Open Inference Protocol), same server", flush=True)
         results["protocols"] = served.protocols(conv.url, digits, rounds, 32, seconds, out / "wrk")
+        print("served: gRPC ModelInfer vs HTTP /v2 on identical tensors, same server", flush=True)
+        results["grpc_vs_http"] = asyncio.run(grpc_race.compare(conv.url, conv.grpc_target, rounds, seconds,
+                                                                concurrency=16))
         print("served: latency by concurrency", flush=True)
         results["latency"] = {name: [served.wrk(url, digits, c, seconds, out / "wrk" / f"{name}-c{c}")
                                      for c in (1, 4, 16, 64)]

@@ -23,8 +23,8 @@ latency over every request of every round, errors, and CPU per request of the cl
 and of the server (its process tree; only when this script started it): the server's CPU per request
 is the comparison that the client's cost does not blur. Loopback only.
 
-PyTriton (or Triton) over gRPC: `grpc_round(f"127.0.0.1:{port}", infer_requests(...), …)` races any
-server of the protocol; see `pytriton_rows`, which the lead can call with PyTriton's port.
+PyTriton (or Triton) over gRPC: `versus_peer` races convserve's gRPC front against any server of the
+protocol (make bench does, against PyTriton: bench/peers.py).
 """
 
 from __future__ import annotations
@@ -230,16 +230,25 @@ async def compare(http_url: str, grpc_target: str, rounds: int, seconds: float, 
     return rows
 
 
-async def pytriton_rows(port: int, model: str, input_name: str, output: str, convserve_url: str,
-                        rounds: int = 5, seconds: float = 5, concurrency: int = 16) -> dict:
-    """PyTriton's gRPC front (or Triton's) on 127.0.0.1:`port`, with the FP32 digits of compare(), for a
-    third column beside convserve's: its model `model` takes `input_name` ([1, 1, 28, 28] FP32,
-    normalized as convserve's LeNet, whose config is read from `convserve_url`) and answers `output`
-    (10 floats). Run it between convserve's rounds, on the same machine, with the same concurrency."""
+async def versus_peer(convserve_url: str, convserve_target: str, peer_target: str, input_name: str,
+                      rounds: int, seconds: float, concurrency: int = 16) -> dict:
+    """convserve's gRPC front against a peer's (PyTriton's) on the FP32 digits of compare(), rounds
+    alternating: the peer's model `lenet5` takes `input_name` ([1, 1, 28, 28] FP32, normalized as
+    convserve's LeNet, whose config is read from `convserve_url`) and answers `probabilities`. With the
+    same input name the two sides get byte-identical requests."""
     fp32 = payloads(*normalization(convserve_url))["FP32 [1,1,28,28]"]
-    requests = infer_requests(model, [(input_name, datatype, x) for _, datatype, x in fp32], output)
-    return summary([await grpc_round(f"127.0.0.1:{port}", requests, concurrency, seconds, "PyTriton gRPC")
-                    for _ in range(rounds)])
+    ours = infer_requests("lenet5", fp32, "probabilities")
+    theirs = infer_requests("lenet5", [(input_name, datatype, x) for _, datatype, x in fp32], "probabilities")
+    sides: dict[str, list[Round]] = {"convserve gRPC": [], "PyTriton gRPC": []}
+    await grpc_round(peer_target, theirs, concurrency, 1, "PyTriton gRPC")  # warm both first
+    await grpc_round(convserve_target, ours, concurrency, 1)
+    for _ in range(rounds):
+        sides["convserve gRPC"].append(await grpc_round(convserve_target, ours, concurrency, seconds))
+        sides["PyTriton gRPC"].append(await grpc_round(peer_target, theirs, concurrency, seconds,
+                                                       "PyTriton gRPC"))
+    rows = {side: summary(rs) for side, rs in sides.items()}
+    rows["identical_requests"] = ours == theirs
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

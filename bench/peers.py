@@ -17,6 +17,7 @@ Needs the Triton venv (`make bench-triton-venv`); without it the section is reco
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from bench import grpc_race
 from loadtest import samples
 from loadtest import wrk as loadtest_wrk
 from loadtest.servers import TRITON_VENV, BaselineServer, Server, TritonServer, stored_model, triton_python
@@ -143,9 +145,12 @@ def run(home: Path, out: Path, seconds: int, rounds: int, connections: int = 32,
                                            "bodies": pngs},
         }
         rows = race(entries, rounds, connections, seconds, out / "wrk")
+        print(f"served: convserve gRPC vs PyTriton gRPC (FP32), {rounds} rounds", flush=True)
+        grpc = asyncio.run(grpc_race.versus_peer(conv.url, conv.grpc_target, triton.grpc_target,
+                                                 card.onnx.input, rounds, seconds))
         config = {"max_batch_size": triton.max_batch_size, "max_queue_delay_us": triton.max_queue_delay_us,
                   "onnxruntime_threads": triton.threads, "convserve_threads": convserve_threads}
-    return {"rows": rows, "ratios": ratios(rows), "pytriton": config}
+    return {"rows": rows, "ratios": ratios(rows), "pytriton": config, "grpc": grpc}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,6 +100,36 @@ def peer_goals(p: dict) -> list[tuple[str, str, str, bool]]:
     return rows
 
 
+def grpc_table(rows: dict[str, dict]) -> list[str]:
+    """One race's rows (bench/grpc_race.py summary()): req/s median and range, p50, p99, errors."""
+    lines = ["", "| payload | side | req/s median (range) | p50 ms | p99 ms | errors |",
+             "|---|---|---|---|---|---|"]
+    for payload, sides in rows.items():
+        for side, x in sides.items():
+            if isinstance(x, dict):
+                lines.append(f"| {payload} | {side} | {x['req_s']} ({x['req_s_min']}–{x['req_s_max']}) | "
+                             f"{x['p50_ms']:g} | {x['p99_ms']:g} | {x['errors']} |")
+    return lines
+
+
+def grpc(r: dict) -> list[str]:
+    """gRPC vs HTTP /v2 on one convserve, and convserve's gRPC vs PyTriton's (where raced)."""
+    lines = ["\n## gRPC ModelInfer vs HTTP /v2, one convserve, identical tensors (grpc_race.py clients)\n"]
+    for payload, sides in r.get("grpc_vs_http", {}).items():
+        g, h = sides["gRPC"], sides["HTTP"]
+        lines.append(f"- {payload}: gRPC ÷ HTTP req/s {g['req_s'] / h['req_s']:.2f}× (p99 {g['p99_ms']:g} vs "
+                     f"{h['p99_ms']:g} ms)")
+    lines += grpc_table(r.get("grpc_vs_http", {}))
+    peer = r.get("pytriton", {}).get("grpc")
+    if peer:
+        ours, theirs = peer["convserve gRPC"], peer["PyTriton gRPC"]
+        same = "identical requests" if peer["identical_requests"] else "**requests differ**"
+        lines += [f"\nconvserve gRPC ÷ PyTriton gRPC, FP32: {ours['req_s'] / theirs['req_s']:.2f}× the req/s "
+                  f"(p99 {ours['p99_ms']:g} vs {theirs['p99_ms']:g} ms; {same})"]
+        lines += grpc_table({"FP32 [1,1,28,28]": peer})
+    return lines
+
+
 def peers(p: dict) -> list[str]:
     """The race's section: its goals and, per server, the median and range over rounds."""
     lines = ["\n## convserve /v2 vs PyTriton (Triton's HTTP front and dynamic batcher), same ONNX file\n"]
@@ -139,6 +169,7 @@ def markdown(r: dict) -> str:
     lines += [f"| {g} | {t} | {v} | {_met(ok)} |" for g, t, v, ok in goals(r)]
     if "pytriton" in r:
         lines += peers(r["pytriton"])
+    lines += grpc(r)
     lines += ["\n## Dense one pass vs every window as a crop\n",
               "| where | model | image | windows | one pass ms | every window ms | speed-up | FLOP ratio |",
               "|---|---|---|---|---|---|---|---|"]
