@@ -41,7 +41,9 @@ def test_gil_pressure_times_every_caller_and_cleans_up(conv_model):
         assert set(times) == {"call_ms", "run_ms"}, caller
         assert all(positive(t) for t in times.values()), (caller, times)
     assert row["batch"] == 4 and row["threads"] == 1
-    assert sys.getswitchinterval() == interval
+    # CPython keeps the interval in whole microseconds (0.2 ms, which an Engine built earlier in this
+    # process set, comes back a microsecond or two short)
+    assert sys.getswitchinterval() == pytest.approx(interval, abs=1e-5)
     assert mp.active_children() == []
 
 
@@ -50,7 +52,7 @@ def test_switch_interval_is_restored_after_an_error():
     with pytest.raises(ValueError), gil.switch_interval(1e-4):
         assert sys.getswitchinterval() == pytest.approx(1e-4)
         raise ValueError
-    assert sys.getswitchinterval() == interval
+    assert sys.getswitchinterval() == pytest.approx(interval, abs=1e-5)
 
 
 def test_worker_process_is_stopped_and_its_memory_released(conv_model):

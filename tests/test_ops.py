@@ -44,10 +44,11 @@ def test_made_up_paths_share_one_metrics_label(server):
         for _ in range(300):
             assert client.get(f"/{uuid.uuid4().hex}/{uuid.uuid4().hex}").status_code == 404
         after = metrics_bytes(server.url)
-        client.get("/v2/models/nosuchmodel/versions/x/ready")  # templated, not by name
+        # /v2 is answered ahead of BentoML's metrics (fronts/stack.py): no series named by the client
+        assert client.get("/v2/models/nosuchmodel/versions/x/ready").status_code == 404
         text = client.get("/metrics").text
     assert after - before < 1024, (before, after)  # the counters' digits, no new series
-    assert 'endpoint="/{unknown}"' in text and 'endpoint="/v2/models/{name}/versions/{version}/ready"' in text
+    assert 'endpoint="/{unknown}"' in text
     assert "nosuchmodel" not in text
     # routes the service has keep their own label
     httpx.get(f"{server.url}/models")

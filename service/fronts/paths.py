@@ -2,17 +2,17 @@
 
 BentoML 1.4's request metrics (bentoml/_internal/server/http/instruments.py,
 RunnerTrafficMetricsMiddleware: request total, duration histogram, in progress) label every series by
-the raw `scope["path"]`, and that middleware sits outside every middleware a service can add
-(_bentoml_impl/server/app.py puts it first); BentoML has no setting for it. So every distinct path a
-client makes up became new series: 300 unauthenticated GETs to random paths grew /metrics from 116 KB
-to 2.4 MB (and the multiprocess files under BENTOML_HOME or /tmp with it).
+the raw `scope["path"]`, and BentoML has no setting for it. So every distinct path a client makes up
+became new series: 300 unauthenticated GETs to random paths grew /metrics from 116 KB to 2.4 MB (and
+the multiprocess files under BENTOML_HOME or /tmp with it). It now sits inside our middlewares
+(fronts/stack.py), so it sees only what they pass on to BentoML: never /classify, /v2 or /score_map.
 
 `install` wraps that middleware's __call__ so that it sees a label instead of the path: a route the
-service has (the OpenAPI document's paths, the open paths, /v2 templated as /v2/models/{name}/…)
-keeps its path, a static prefix becomes `<prefix>*`, anything else `/{unknown}`. The real path travels
-in the scope beside the label and `Restore` (innermost: fronts/stack.py puts it there) puts it back
-before BentoML's router sees it, so what a request gets is unchanged; only the label and the tracing
-span name (the OpenTelemetry middleware sits between the two) are bounded.
+service has (the OpenAPI document's paths, the open paths) keeps its path, a static prefix becomes
+`<prefix>*`, anything else `/{unknown}`. The real path travels in the scope beside the label and
+`Restore` (innermost: fronts/stack.py puts it there) puts it back before BentoML's router sees it,
+so what a request gets is unchanged; only the label and the tracing span name (the OpenTelemetry
+middleware sits between the two) are bounded.
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from functools import cached_property
 
-from service.fronts.kserve_v2 import MODEL_PATH, is_v2
-
 UNKNOWN = "/{unknown}"
 ORIGINAL = "convserve.path"  # the scope key the real path waits under while the label stands in
-V2_PATHS = frozenset({"/v2", "/v2/health/live", "/v2/health/ready"})
 
 
 class Routes:
@@ -41,15 +38,6 @@ class Routes:
     def label(self, path: str) -> str:
         if path in self.paths:
             return path
-        if is_v2(path):
-            trimmed = path.rstrip("/")
-            if trimmed in V2_PATHS:
-                return trimmed
-            match = MODEL_PATH.match(trimmed)
-            if match:
-                return ("/v2/models/{name}" + ("/versions/{version}" if match["version"] else "")
-                        + (match["action"] or ""))
-            return UNKNOWN
         for prefix in self.prefixes:
             if path.startswith(prefix):
                 return f"{prefix}*"
