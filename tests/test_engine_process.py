@@ -10,6 +10,7 @@ import asyncio
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -228,3 +229,53 @@ def test_a_killed_engine_fails_fast_says_not_ready_and_comes_back(store, tmp_pat
     assert any(s == 503 for t, s in readiness if t > killed_at)
     last = [s for t, s, _ in outcomes if t > back + 0.5]
     assert len(last) >= 20 and all(s == 200 for s in last)
+
+
+def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
+    """The engine process's queue bound (CONVSERVE_MAX_QUEUE_MS, here 1 ms) sheds as the per-worker
+    engine does: 503 `overloaded` with Retry-After at once, the rest answered, nothing else."""
+    many = [("image", (f"{i}.png", DIGITS[i % 4])) for i in range(32)]
+    results: list[tuple[int, str, str]] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            for _ in range(6):
+                got = client.post("/classify", files=many)
+                kind = got.json()["error"]["type"] if got.status_code != 200 else ""
+                results.append((got.status_code, kind, got.headers.get("retry-after", "")))
+
+    with Server(store, tmp_path / "serve.log", workers=2, engine="process", models="lenet5",
+                max_queue_ms=1) as srv:
+        threads = [threading.Thread(target=load) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    shed = [r for r in results if r[0] == 503]
+    assert len(results) == 72 and {s for s, _, _ in results} <= {200, 503}, set(results)
+    assert shed and any(s == 200 for s, _, _ in results), (len(shed), len(results))
+    assert all(kind == "overloaded" and int(after) >= 1 for _, kind, after in shed), set(shed)
+
+
+def test_sigterm_drains_in_flight_work_and_stops_the_engine(store, tmp_path):
+    """SIGTERM with a page being scored through the engine process: it is answered, the server exits
+    cleanly, and no engine process outlives it."""
+    srv = Server(store, tmp_path / "serve.log", timeout_s=60, engine="process")
+    srv.readiness()
+    (engine,) = engines(srv)
+    slow: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: slow.append(httpx.post(
+        f"{srv.url}/score_map", files={"image": ("p.png", png(1024))},
+        data={"stride_factor": "4", "scales": "0.75,1,2"}, timeout=120)))
+    try:
+        worker.start()
+        time.sleep(1.0)  # the page is being scored
+        assert worker.is_alive(), "the page was scored before SIGTERM; give it more work"
+        srv.process.send_signal(signal.SIGTERM)
+        worker.join(120)
+        srv.process.wait(timeout=60)
+    finally:
+        srv.stop()
+    assert slow and slow[0].status_code == 200 and "detections" in slow[0].json()
+    assert srv.process.returncode == 0
+    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
