@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench import gil, grpc_race, inprocess, peers, report, served
+from bench import gil, grpc_race, inprocess, ipc, peers, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from modelcard import ModelCard
@@ -214,6 +214,18 @@ def run_layouts(results: dict, home: Path, out: Path, digits: list[bytes], photo
             results["compute_bound_2_workers"][m] = row
 
 
+def run_engine_process(home: Path, out: Path, seconds: int, rounds: int) -> dict:
+    """One engine process per device (CONVSERVE_ENGINE=process) vs per-worker engines: the hand-off's
+    cost per request (ring vs direct, in one process) and LeNet and AlexNet served in the three layouts
+    (bench/ipc.py). Last, as handoff() sets CONVSERVE_MODELS in this process's environment."""
+    digits = [data for data, _ in samples.digits(50)]
+    photos = samples.photos(32, 224, 3)
+    print("engine process: the hand-off, then LeNet and AlexNet in three layouts", flush=True)
+    return {"handoff": ipc.handoff(home, 2000),
+            "served": {"lenet5": ipc.served(home, "lenet5", digits, rounds, seconds, out / "ipc"),
+                       "alexnet": ipc.served(home, "alexnet", photos, rounds, seconds, out / "ipc")}}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/bench"))
@@ -237,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     print("in-process: the engine under GIL pressure; what new batch shapes and padding cost", flush=True)
     results["gil"] = run_gil(threads)
     run_served(results, pages, args.out, args.seconds, args.rounds)
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    results["engine_process"] = run_engine_process(home, args.out, args.seconds, args.rounds)
     results["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # before any rendering

@@ -130,6 +130,30 @@ def grpc(r: dict) -> list[str]:
     return lines
 
 
+def engine_process(e: dict) -> list[str]:
+    """CONVSERVE_ENGINE=process vs per-worker engines (bench/ipc.py): the goals, then the layouts."""
+    h = e["handoff"]
+    lines = ["\n## One engine process per device vs per-worker engines (bench/ipc.py)\n",
+             "| goal | target | measured | met |", "|---|---|---|---|",
+             "| hand-off per LeNet request, 32 in flight | ≤ 20 µs | "
+             f"{h['ipc_us_per_request_32_in_flight']:g} µs wall, "
+             f"{h['ipc_cpu_us_per_request_32_in_flight']:g} µs CPU (one at a time: "
+             f"{h['ipc_us_per_request']:g} µs; per image at 8: {h['ipc_us_per_image_at_8']:g} µs) | "
+             f"{_met(h['ipc_us_per_request_32_in_flight'] <= 20)} |"]
+    for model, layouts in e["served"].items():
+        process = layouts["process_2_workers"]["rps"]
+        best = max(("local_1_worker", "local_2_workers"), key=lambda k: layouts[k]["rps"])
+        top = layouts[best]["rps"]
+        lines.append(f"| {model} served, one engine process at 2 workers ÷ the best per-worker layout | "
+                     f"≥ 1.0 | {process / top:.2f} ({process:g} vs {top:g} at {best}) | "
+                     f"{_met(process >= top)} |")
+    lines += ["", "| model | layout | req/s (rounds) | p99 ms | mean batch |", "|---|---|---|---|---|"]
+    for model, layouts in e["served"].items():
+        lines += [f"| {model} | {name} | {x['rps']:g} ({', '.join(f'{v:g}' for v in x['rounds_rps'])}) | "
+                  f"{x['p99_ms']:g} | {x['mean_batch']:g} |" for name, x in layouts.items()]
+    return lines
+
+
 def peers(p: dict) -> list[str]:
     """The race's section: its goals and, per server, the median and range over rounds."""
     lines = ["\n## convserve /v2 vs PyTriton (Triton's HTTP front and dynamic batcher), same ONNX file\n"]
@@ -170,6 +194,8 @@ def markdown(r: dict) -> str:
     if "pytriton" in r:
         lines += peers(r["pytriton"])
     lines += grpc(r)
+    if "engine_process" in r:
+        lines += engine_process(r["engine_process"])
     lines += ["\n## Dense one pass vs every window as a crop\n",
               "| where | model | image | windows | one pass ms | every window ms | speed-up | FLOP ratio |",
               "|---|---|---|---|---|---|---|---|"]
