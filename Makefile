@@ -91,7 +91,7 @@ SOAK_ARGS ?= --minutes 10
 soak: install store
 	$(PY) -m loadtest.soak --out results/soak $(SOAK_ARGS)
 
-# The speed benchmarks of BENCHMARKS.md, side by side in one run (~8 min; AlexNet is exported on first
+# The speed benchmarks of BENCHMARKS.md, side by side in one run (~20 min; AlexNet is exported on first
 # use; served load from Debian's wrk): results/bench/report.md and results.json. Stop other load on the
 # machine first.
 # BENCH_TRITON=1 first makes the PyTriton venv (below); the bench races PyTriton whenever it exists.
