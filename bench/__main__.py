@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench import gil, grpc_race, inprocess, ipc, peers, report, served
+from bench import gil, inprocess, ipc, peers, report, served
 from loadtest import samples
 from loadtest.servers import BaselineServer, Server
 from modelcard import ModelCard
@@ -168,6 +168,8 @@ def run_served(results: dict, pages: dict[str, np.ndarray], out: Path, seconds: 
             results["compute_bound"][m] = row
         print("served: /classify vs /v2 (the Open Inference Protocol), same server", flush=True)
         results["protocols"] = served.protocols(conv.url, digits, rounds, 32, seconds, out / "wrk")
+        from bench import grpc_race  # Triton's protos: only where gRPC is raced (bench/peers.py says why)
+
         print("served: gRPC ModelInfer vs HTTP /v2 on identical tensors, same server", flush=True)
         results["grpc_vs_http"] = asyncio.run(grpc_race.compare(conv.url, conv.grpc_target, rounds, seconds,
                                                                 concurrency=16))
