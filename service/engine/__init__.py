@@ -29,6 +29,7 @@ import numpy as np
 
 from modelcard.reference import topk
 from service.engine import metrics
+from service.engine.bound import BoundModel
 from service.engine.buckets import bucket_sizes
 from service.engine.inline import LoopBatcher
 from service.engine.metrics import Batch
@@ -189,16 +190,3 @@ class Engine:
         for worker in self.workers.values():
             worker.close()
 
-
-class BoundModel:
-    """One model's blocking calls for dense pipelines in a thread (pipeline/dense.py Infer and
-    InferPeaks): called, the scores; .peaks(x, threshold), a detector's peaks (Engine.infer_blocking)."""
-
-    def __init__(self, engine: Engine, model: str) -> None:
-        self.engine, self.model = engine, model
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.infer_blocking(self.model, x)
-
-    def peaks(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        return self.engine.infer_blocking(self.model, x, "peaks", threshold)

@@ -104,7 +104,7 @@ class BatchQueue:
     def _assemble(self) -> list[Request]:
         """Called with the lock held: the batch, in arrival order; everything else stays queued.
         Requests that waited past the queue bound are failed here, not run."""
-        key = _key(self._queue[0])
+        key = batch_key(self._queue[0])
         batch, kept, items = [], deque(), 0
         expired = time.perf_counter() - self.max_queue_s
         while self._queue:
@@ -114,7 +114,7 @@ class BatchQueue:
                 if request.future.set_running_or_notify_cancel():
                     request.future.set_exception(Overloaded(
                         f"waited over the {self.max_queue_s:g} s queue bound", self.max_queue_s))
-            elif _key(request) != key:
+            elif batch_key(request) != key:
                 kept.append(request)
             elif items + len(request.x) > self.max_items:  # full: this one goes first next time
                 kept.append(request)
@@ -129,6 +129,6 @@ class BatchQueue:
         return batch
 
 
-def _key(request: Request) -> tuple:
+def batch_key(request: Request) -> tuple:
     """What the requests of one batch share: item shape, dtype, and the call's threshold."""
     return request.x.shape[1:], request.x.dtype, request.threshold

@@ -24,14 +24,14 @@ import time
 
 import numpy as np
 
-from service.engine.batcher import Request, _key
+from service.engine.batcher import Request, batch_key
 from service.engine.sessions import Output
 
 log = logging.getLogger("convserve")
 
 
 class LoopBatcher:
-    def __init__(self, worker) -> None:  # a ModelWorker: its model, buckets, _run and observe
+    def __init__(self, worker) -> None:  # a ModelWorker: its model, queue and run()
         self.worker = worker
         self.max_items = worker.queue.max_items
         self._pending: list[Request] = []
@@ -51,11 +51,11 @@ class LoopBatcher:
         pending, self._pending = self._pending, []
         while pending:
             batch, rest, items = [], [], 0
-            key = _key(pending[0])
+            key = batch_key(pending[0])
             for request in pending:
                 if request.future.cancelled():
                     continue
-                if _key(request) == key and items + len(request.x) <= self.max_items:
+                if batch_key(request) == key and items + len(request.x) <= self.max_items:
                     batch.append(request)
                     items += len(request.x)
                 else:
@@ -64,7 +64,7 @@ class LoopBatcher:
             if not batch:
                 continue
             try:
-                self.worker._run(batch)
+                self.worker.run(batch)
             except Exception as e:  # noqa: BLE001 - every waiter hears of it
                 log.exception("%s: a batch of %d requests failed", self.worker.model.name, len(batch))
                 for request in batch:

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from modelcard import ModelCard
+from service.engine.bound import BoundModel
 from service.engine.ring import (
     FLAG_SHED,
     OP,
@@ -182,8 +183,8 @@ class RemoteEngine:
     def tile_side(self, model: str) -> int:
         return self._models[model].tile_side
 
-    def bind(self, model: str) -> _Bound:
-        return _Bound(self, model)
+    def bind(self, model: str) -> BoundModel:
+        return BoundModel(self, model)
 
     def warm_up(self) -> None:
         """The engine process warms itself before it listens: ready once connected to it."""
@@ -367,15 +368,3 @@ def _resolve(future, value, error: Exception | None) -> None:
     else:
         future.set_exception(error)
 
-
-class _Bound:
-    """engine.bind(model) (Engine's BoundModel): the blocking calls of dense pipelines."""
-
-    def __init__(self, engine: RemoteEngine, model: str) -> None:
-        self.engine, self.model = engine, model
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.infer_blocking(self.model, x)
-
-    def peaks(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        return self.engine.infer_blocking(self.model, x, "peaks", threshold)

@@ -65,7 +65,7 @@ class ModelWorker:
         try:
             while batch := self.queue.take():
                 try:
-                    self._run(batch)
+                    self.run(batch)
                 except Exception as e:  # noqa: BLE001 - every waiter hears of it; the thread lives on
                     log.exception("%s: a batch of %d requests failed", self.model.name, len(batch))
                     for request in batch:
@@ -74,7 +74,7 @@ class ModelWorker:
         finally:  # however this thread ends, nobody waits on it: the waiting fail, new requests are refused
             self.queue.close()
 
-    def _run(self, batch: list[Request]) -> None:
+    def run(self, batch: list[Request]) -> None:
         model = self.model  # one version for the whole batch, even if replace() swaps it meanwhile
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (n, C, H, W)
         n = len(x)
