@@ -233,7 +233,9 @@ def test_a_killed_engine_fails_fast_says_not_ready_and_comes_back(store, tmp_pat
 
 def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
     """The engine process's queue bound (CONVSERVE_MAX_QUEUE_MS, here 1 ms) sheds as the per-worker
-    engine does: 503 `overloaded` with Retry-After at once, the rest answered, nothing else."""
+    engine does: 503 `overloaded` with Retry-After at once, the rest answered, nothing else. LeNet goes
+    through the queue and its inference thread here, as a model slower than CONVSERVE_INLINE_MAX_MS
+    would (at its 0.1 ms it is otherwise batched where it arrives, inline.Combiner, and never waits)."""
     many = [("image", (f"{i}.png", DIGITS[i % 4])) for i in range(32)]
     results: list[tuple[int, str, str]] = []
 
@@ -245,7 +247,7 @@ def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
                 results.append((got.status_code, kind, got.headers.get("retry-after", "")))
 
     with Server(store, tmp_path / "serve.log", workers=2, engine="process", models="lenet5",
-                max_queue_ms=1) as srv:
+                max_queue_ms=1, inline_max_ms=0) as srv:
         threads = [threading.Thread(target=load) for _ in range(12)]
         for t in threads:
             t.start()

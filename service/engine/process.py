@@ -27,10 +27,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import Future
+from typing import NamedTuple
 
 from modelcard.reference import topk
 from service.engine import Engine
+from service.engine.batcher import Request
+from service.engine.inline import Combiner
 from service.engine.ring import (
     FLAG_SHED,
     MODEL,
@@ -69,6 +73,43 @@ def describe(engine: Engine) -> dict:
             "max_items": engine.settings.max_batch_size, "pid": os.getpid()}
 
 
+class Task(NamedTuple):
+    """What answering a request needs: where its pixels lie, what it asked for."""
+    connection: Connection
+    fields: tuple  # its record, unpacked
+    buf: memoryview  # its slot (or segment): pixels, then the answer after them
+    nbytes: int  # the pixels' size: the answer starts after them (ring.response_offset)
+    output: str  # what the worker asked for
+    want: str  # what the model is asked for (scores when the graph's top-k head is too short)
+    k: int
+
+
+class Reply:
+    """A combined request's future (Combiner): its answer goes to its connection's outbox, sent with
+    the others of its batch when the connection thread that ran it flushes (Channel.flush)."""
+
+    __slots__ = ("task", "_done")
+
+    def __init__(self, task: Task) -> None:
+        self.task, self._done = task, False
+
+    def set_result(self, value) -> None:
+        self._done = True
+        connection = self.task.connection
+        connection.answer(self.task, value, None, connection.channel.queue)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done = True
+        connection = self.task.connection
+        connection.answer(self.task, None, error, connection.channel.queue)
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False  # combined requests run within a batch's time of arriving: not worth cancelling
+
+
 class EngineServer:
     def __init__(self, engine: Engine, path: str) -> None:
         self.engine, self.path = engine, path
@@ -76,6 +117,13 @@ class EngineServer:
         self.connections: set[Connection] = set()
         self.lock = threading.Lock()
         self.rollout_lock = threading.Lock()
+        self.combiners: dict[str, Combiner] = {}  # sub-millisecond models (Engine.inline): see Combiner
+        self.choose_combiners()
+
+    def choose_combiners(self) -> None:
+        """After start and each rollout (which may make a model sub-millisecond, or not)."""
+        self.combiners = {name: self.combiners.get(name) or Combiner(self.engine.workers[name], send_answers)
+                          for name in self.engine.inline}
 
     def serve_forever(self) -> None:
         if os.path.exists(self.path):
@@ -115,8 +163,11 @@ class Connection:
         self.channel.send(self.server.models_record())  # first thing a worker reads
         try:
             while data := self.channel.sock.recv(1 << 16):
+                combined: dict[str, list[Request]] = {}  # what arrived together runs together
                 for fields, payload in self.channel.parse(data):
-                    self.handle(fields, payload)
+                    self.handle(fields, payload, combined)
+                for name, requests in combined.items():
+                    self.server.combiners[name].submit(requests)
         except OSError:
             pass
         finally:  # the worker is gone: its queued images are dropped, not run
@@ -126,10 +177,10 @@ class Connection:
                 future.cancel()
             self.channel.sock.close()
 
-    def handle(self, fields: tuple, payload: bytes) -> None:
+    def handle(self, fields: tuple, payload: bytes, combined: dict[str, list[Request]]) -> None:
         op = fields[OP]
         if op == OP_INFER:
-            self.infer(fields)
+            self.infer(fields, combined)
         elif op == OP_CANCEL:
             future = self.running.get(fields[RID])
             if future is not None:
@@ -148,7 +199,9 @@ class Connection:
             return attach(fields[SEG].rstrip(b"\0").decode())
         return self.ring[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
 
-    def infer(self, fields: tuple, want: str | None = None) -> None:
+    def infer(self, fields: tuple, combined: dict[str, list[Request]], want: str | None = None) -> None:
+        """Window images of a sub-millisecond model join `combined` (Combiner, inline.py); the rest
+        go to the model's queue and its inference thread, which answers each as it finishes."""
         rid = fields[RID]
         try:
             buf = self.buffer(fields)
@@ -158,6 +211,12 @@ class Connection:
             output, k = OUTPUTS[fields[OUTPUT]], fields[10]
             if want is None:  # Engine.infer's rule: the graph's top-k head unless too short for k
                 want = "scores" if output == "topk" and k > worker.model.card.topk_k > 0 else output
+            task = Task(self, fields, buf, x.nbytes, output, want, k)
+            if (name in self.server.combiners and output != "peaks" and len(x) <= worker.queue.max_items
+                    and x.shape[1:] == worker.model.window_shape):
+                combined.setdefault(name, []).append(Request(x, Reply(task), time.perf_counter(), True,
+                                                             want))
+                return
             threshold = float(fields[THRESHOLD]) if output == "peaks" else None
             future = worker.queue.put(x, bool(fields[1] & FLAG_SHED), want, threshold)
         except Overloaded as e:
@@ -168,34 +227,42 @@ class Connection:
             self.channel.send(error_record(rid, "internal", f"{type(e).__name__}: {e}"))
             return
         self.running[rid] = future
-        future.add_done_callback(lambda f: self.answer(f, fields, buf, x.nbytes, output, want, k))
+        future.add_done_callback(lambda f: self.answered(task, f))
 
-    def answer(self, future: Future, fields: tuple, buf: memoryview, nbytes: int, output: str,
-               want: str, k: int) -> None:
-        """In the inference thread (or the canceller's): the answer into the slot, one record out."""
-        rid = fields[RID]
-        self.running.pop(rid, None)
+    def answered(self, task: Task, future: Future) -> None:
+        """The inference thread's done-callback (or the canceller's): the answer out at once."""
+        self.running.pop(task.fields[RID], None)
+        if future.cancelled():
+            self.channel.send(error_record(task.fields[RID], "cancelled", "cancelled before it ran"))
+        else:
+            error = future.exception()
+            self.answer(task, None if error else future.result(), error, self.channel.send)
+
+    def answer(self, task: Task, out, error: BaseException | None, send) -> None:
+        """The answer into the slot, its record to `send`."""
+        fields, rid = task.fields, task.fields[RID]
         try:
-            if future.cancelled():
-                data = error_record(rid, "cancelled", "cancelled before it ran")
-            elif (e := future.exception()) is not None:
-                data = error_record(rid, getattr(e, "kind", "internal"), str(e),
-                                    getattr(e, "retry_after", None))
+            if error is not None:
+                data = error_record(rid, getattr(error, "kind", "internal"), str(error),
+                                    getattr(error, "retry_after", None))
             else:
-                out = future.result()
+                output, want, k = task.output, task.want, task.k
                 if output == "topk" and want == "scores":
                     out = topk(out[:, :, 0, 0], k)
                 elif output == "topk" and out[0].shape[1] < k:  # a shorter head rolled out meanwhile
-                    self.infer(fields, want="scores")
+                    combined: dict[str, list[Request]] = {}
+                    self.infer(fields, combined, want="scores")
+                    for name, requests in combined.items():  # a combiner running here takes them next
+                        self.server.combiners[name].submit(requests)
                     return
                 if output == "topk":
                     out = (out[0][:, :k], out[1][:, :k])
                 arrays = out if isinstance(out, tuple) else (out,)
-                if put_answer(buf, nbytes, arrays):
+                if put_answer(task.buf, task.nbytes, arrays):
                     data = record(OP_RESULT, rid=rid, a=arrays[0], b=arrays[1] if len(arrays) > 1 else None)
                 else:
                     data = error_record(rid, "internal", "the answer is larger than the request's slot")
-            self.channel.send(data)
+            send(data)
         except OSError:
             pass  # the worker is gone
         except Exception:  # noqa: BLE001 - never let a callback kill the inference thread silently
@@ -216,7 +283,17 @@ class Connection:
         self.channel.send(record(OP_RESULT if kind is None else OP_ERROR,
                                  payload=json.dumps({**answer, "type": kind}).encode()))
         if kind is None:
+            self.server.choose_combiners()
             self.server.broadcast_models()
+
+
+def send_answers(requests: list[Request]) -> None:
+    """After a Combiner's round: each connection's answers in one send."""
+    for channel in {request.future.task.connection.channel for request in requests}:
+        try:
+            channel.flush()
+        except OSError:
+            pass  # that worker is gone
 
 
 def watch_parent() -> None:

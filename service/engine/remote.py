@@ -104,6 +104,8 @@ class RemoteEngine:
         except RuntimeError:
             raise RuntimeError("RemoteEngine answers on an event loop: build it inside one") from None
         self.path, self.settings = path, settings
+        self._loop_thread = threading.get_ident()
+        self._flush_scheduled = False
         self._models = {m.name: m for m in models}
         self.names = list(self._models)
         self.max_items = settings.max_batch_size
@@ -247,10 +249,14 @@ class RemoteEngine:
         rid = next(self._rids) & 0xFFFFFFFF
         with self._lock:
             self.pending[rid] = (slot, x.nbytes, future)
+        data = record(OP_INFER, rid=rid, slot=slot.index, model=self.names.index(model),
+                      output=OUTPUTS.index(output), k=k, threshold=threshold,
+                      flags=FLAG_SHED if shed else 0, a=x, seg=slot.seg)
+        if threading.get_ident() == self._loop_thread:
+            self._send_soon(channel, data)
+            return rid
         try:
-            channel.send(record(OP_INFER, rid=rid, slot=slot.index, model=self.names.index(model),
-                                output=OUTPUTS.index(output), k=k, threshold=threshold,
-                                flags=FLAG_SHED if shed else 0, a=x, seg=slot.seg))
+            channel.send(data)
         except OSError:
             with self._lock:
                 self.pending.pop(rid, None)
@@ -258,6 +264,21 @@ class RemoteEngine:
             raise EngineUnavailable("the engine process is gone; retry after the Retry-After seconds",
                                     RETRY_S) from None
         return rid
+
+    def _send_soon(self, channel: Channel, data: bytes) -> None:
+        """The event loop's requests leave once per loop turn, together: one send for all, and the
+        engine reads them with one recv and runs them as one batch (inline.Combiner)."""
+        channel.queue(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, channel)
+
+    def _flush(self, channel: Channel) -> None:
+        self._flush_scheduled = False
+        try:
+            channel.flush()
+        except OSError:
+            pass  # the engine is gone: the reader sees the socket close and fails what is pending (_lost)
 
     def _on_readable(self) -> None:
         channel = self.channel

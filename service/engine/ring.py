@@ -169,16 +169,29 @@ def attach(name: str) -> memoryview:
 
 
 class Channel:
-    """One Unix socket, framed in records: send() from any thread, parse() what recv() returned."""
+    """One Unix socket, framed in records: send() from any thread, or queue() records and flush() them
+    in one send; parse() what recv() returned."""
 
     def __init__(self, sock) -> None:
         self.sock = sock
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
+        self._outbox: list[bytes] = []
 
     def send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
+
+    def queue(self, data: bytes) -> None:
+        with self._send_lock:
+            self._outbox.append(data)
+
+    def flush(self) -> None:
+        with self._send_lock:
+            if self._outbox:
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+                self.sock.sendall(data)
 
     def parse(self, data: bytes) -> list[tuple[tuple, bytes]]:
         buffer = self._buffer
