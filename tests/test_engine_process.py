@@ -259,6 +259,25 @@ def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
     assert all(kind == "overloaded" and int(after) >= 1 for _, kind, after in shed), set(shed)
 
 
+def test_a_request_past_its_deadline_is_dropped_from_the_engine_queue_unrun(store, tmp_path):
+    """The gate's deadline (1 s) passes while the image waits in the engine process's queue (a 3 s
+    batch wait, LeNet on its inference thread): 504, the worker sends CANCEL, and the engine drops it at
+    assembly: no batch runs for it. Then a full batch (4 images, max_batch_size) closes at once and is
+    answered, alone in its batch."""
+    with Server(store, tmp_path / "serve.log", workers=1, engine="process", models="lenet5",
+                inline_max_ms=0, batch_wait_ms=3000, timeout_s=1, max_batch_size=4,
+                max_queue_ms=60_000) as srv:  # not shed: only the CANCEL drops it
+        late = httpx.post(f"{srv.url}/classify", files={"image": ("d.png", DIGITS[0])}, timeout=30)
+        assert late.status_code == 504, late.text
+        time.sleep(3)  # past the batch wait: the engine has assembled whatever was queued
+        assert metric(srv.url, "convserve_batch_size_count") == 0  # nothing ran for it
+        full = httpx.post(f"{srv.url}/v2/models/lenet5/infer", timeout=30, json={"inputs": [
+            {"name": "pixels", "shape": [4, 1, 28, 28], "datatype": "UINT8", "data": [7] * 4 * 784}]})
+        assert full.status_code == 200, full.text
+        assert metric(srv.url, "convserve_batch_size_count") == 1
+        assert metric(srv.url, "convserve_batch_size_sum") == 4
+
+
 def test_sigterm_drains_in_flight_work_and_stops_the_engine(store, tmp_path):
     """SIGTERM with a page being scored through the engine process: it is answered, the server exits
     cleanly, and no engine process outlives it."""
