@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -52,41 +50,6 @@ class LoopBatcher:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         run_pending(self.worker, pending)
-
-
-class Combiner:
-    """The engine process's LoopBatcher (process.py): no event loop there, but a thread per worker
-    connection. Whichever connection thread hands requests to an idle model runs them itself, and then
-    whatever every other connection handed it meanwhile, until none wait (flat combining): batches
-    form across workers with no thread hop. Why: with LeNet on the inference thread, the engine spent
-    190 µs of CPU per request at 2 workers, mostly waking threads, for batches of 1.2 (BENCHMARKS.md,
-    "One engine process")."""
-
-    def __init__(self, worker, ran: Callable[[list[Request]], None]) -> None:
-        self.worker, self.ran = worker, ran  # ran(requests): after each round (the engine sends answers)
-        self._pending: list[Request] = []
-        self._lock = threading.Lock()
-        self._running = False
-
-    def submit(self, requests: list[Request]) -> None:
-        with self._lock:
-            self._pending += requests
-            if self._running:
-                return  # the running thread takes them in its next round
-            self._running = True
-        try:
-            while True:
-                with self._lock:
-                    pending, self._pending = self._pending, []
-                    if not pending:
-                        self._running = False
-                        return
-                run_pending(self.worker, pending)
-                self.ran(pending)
-        except BaseException:
-            with self._lock:
-                self._running = False
-            raise
 
 
 def run_pending(worker, pending: list[Request]) -> None:

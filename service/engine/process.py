@@ -4,11 +4,13 @@ HTTP worker through shared memory (ring.py). Started and restarted by supervisor
     python -m service.engine.process --socket /tmp/convserve-engine-XXXX/cpu.sock
 
 It loads and warms every model first and only then listens, so a worker that can connect talks to a
-warmed engine (its /readyz says ready from then on). Each connection gets a thread that reads records
-and puts the images, as views of the worker's slot (no copy until the batch is assembled), straight
-into the model's queue (batcher.py): requests of every worker meet in one queue, so batches form across
-workers. The inference thread's done-callback writes the answer into the slot and sends one record
-back; nothing hops threads beyond what the in-process engine already does.
+warmed engine (its /readyz says ready from then on). One thread reads every connection (EngineServer)
+and takes the images as views of the worker's slot (no copy until the batch is assembled). A
+sub-millisecond model's images (Engine.inline: LeNet) run in that thread at the end of each round,
+every worker's together, as the in-process engine runs them on its event loop (inline.py); any other
+model's go to its queue (batcher.py), where requests of every worker meet, and its inference thread's
+done-callback writes each answer into its slot and sends one record back. Either way batches form
+across workers.
 
 A connection is either a worker's data connection (HELLO: its ring) or a one-shot control call
 (ROLLOUT). After a rollout every data connection hears the new model list (MODELS), so every worker's
@@ -23,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -34,7 +37,7 @@ from typing import NamedTuple
 from modelcard.reference import topk
 from service.engine import Engine
 from service.engine.batcher import Request
-from service.engine.inline import Combiner
+from service.engine.inline import run_pending
 from service.engine.ring import (
     FLAG_SHED,
     MODEL,
@@ -85,8 +88,8 @@ class Task(NamedTuple):
 
 
 class Reply:
-    """A combined request's future (Combiner): its answer goes to its connection's outbox, sent with
-    the others of its batch when the connection thread that ran it flushes (Channel.flush)."""
+    """A request's future when its model runs on the loop (run_pending): its answer goes to its
+    connection's outbox, sent with the rest of the round's answers (Channel.flush)."""
 
     __slots__ = ("task", "_done")
 
@@ -107,23 +110,25 @@ class Reply:
         return self._done
 
     def cancelled(self) -> bool:
-        return False  # combined requests run within a batch's time of arriving: not worth cancelling
+        return False  # it runs in the round it arrived in: nothing to cancel
 
 
 class EngineServer:
+    """One thread reads every worker's connection (selectors): what arrived in a round for a
+    sub-millisecond model (Engine.inline) runs there as one batch, and every connection's answers leave
+    in one send. Why one thread, not one per connection: a thread blocked in recv must be woken by the
+    kernel for every record a worker sends, and on this VM a cross-process wake-up cost more than
+    LeNet's share of a batch (with a thread per connection the engine did 1.7 context switches and
+    ~60-80 µs of CPU per request); a loop busy running a batch is not woken, it finds the records when
+    it next looks. Models on their inference threads (the rest, every GPU model) answer from there."""
+
     def __init__(self, engine: Engine, path: str) -> None:
         self.engine, self.path = engine, path
         self.names = list(engine.models)  # a record's model field indexes this (rollouts keep names)
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection] = set()  # workers' data connections (after HELLO)
         self.lock = threading.Lock()
         self.rollout_lock = threading.Lock()
-        self.combiners: dict[str, Combiner] = {}  # sub-millisecond models (Engine.inline): see Combiner
-        self.choose_combiners()
-
-    def choose_combiners(self) -> None:
-        """After start and each rollout (which may make a model sub-millisecond, or not)."""
-        self.combiners = {name: self.combiners.get(name) or Combiner(self.engine.workers[name], send_answers)
-                          for name in self.engine.inline}
+        self.selector = selectors.DefaultSelector()
 
     def serve_forever(self) -> None:
         if os.path.exists(self.path):
@@ -133,9 +138,35 @@ class EngineServer:
         os.rename(self.path + ".new", self.path)  # appears only once listening is possible
         listener.listen(64)
         log.info("engine process %d listening on %s", os.getpid(), self.path)
+        self.selector.register(listener, selectors.EVENT_READ)
         while True:
-            sock, _ = listener.accept()
-            threading.Thread(target=Connection(self, sock).run, daemon=True, name="engine-conn").start()
+            combined: dict[str, list[Request]] = {}  # what arrived in this round runs together
+            readable = []
+            for key, _ in self.selector.select():
+                if key.data is None:
+                    self.accept(listener)
+                elif key.data.read(combined):
+                    readable.append(key.data)
+                else:
+                    self.selector.unregister(key.fileobj)
+                    key.data.close()
+            for name, requests in combined.items():
+                run_pending(self.engine.workers[name], requests)
+            for connection in readable:
+                try:
+                    connection.channel.flush()
+                except OSError:
+                    pass  # that worker is gone: its next read says so
+
+    def accept(self, listener: socket.socket) -> None:
+        sock, _ = listener.accept()
+        connection = Connection(self, sock)
+        try:
+            connection.channel.send(self.models_record())  # first thing a worker reads
+        except OSError:
+            sock.close()
+            return
+        self.selector.register(sock, selectors.EVENT_READ, connection)
 
     def models_record(self) -> bytes:
         return record(OP_MODELS, payload=json.dumps(describe(self.engine)).encode())
@@ -148,7 +179,7 @@ class EngineServer:
             try:
                 connection.channel.send(data)
             except OSError:
-                pass  # that worker is gone; its reader thread cleans up
+                pass  # that worker is gone; the loop cleans up
 
 
 class Connection:
@@ -159,23 +190,23 @@ class Connection:
         self.slot_bytes = 0
         self.running: dict[int, Future] = {}  # rid → the queue's future, for CANCEL
 
-    def run(self) -> None:
-        self.channel.send(self.server.models_record())  # first thing a worker reads
+    def read(self, combined: dict[str, list[Request]]) -> bool:
+        """What the worker sent (the socket is readable: recv does not block); False once it is gone."""
         try:
-            while data := self.channel.sock.recv(1 << 16):
-                combined: dict[str, list[Request]] = {}  # what arrived together runs together
-                for fields, payload in self.channel.parse(data):
-                    self.handle(fields, payload, combined)
-                for name, requests in combined.items():
-                    self.server.combiners[name].submit(requests)
+            data = self.channel.sock.recv(1 << 16)
         except OSError:
-            pass
-        finally:  # the worker is gone: its queued images are dropped, not run
-            with self.server.lock:
-                self.server.connections.discard(self)
-            for future in list(self.running.values()):
-                future.cancel()
-            self.channel.sock.close()
+            return False
+        for fields, payload in self.channel.parse(data):
+            self.handle(fields, payload, combined)
+        return bool(data)
+
+    def close(self) -> None:
+        """The worker is gone: its queued images are dropped, not run."""
+        with self.server.lock:
+            self.server.connections.discard(self)
+        for future in list(self.running.values()):
+            future.cancel()
+        self.channel.sock.close()
 
     def handle(self, fields: tuple, payload: bytes, combined: dict[str, list[Request]]) -> None:
         op = fields[OP]
@@ -190,8 +221,9 @@ class Connection:
             self.ring, self.slot_bytes = attach(hello["ring"]), hello["slot_bytes"]
             with self.server.lock:
                 self.server.connections.add(self)
-        elif op == OP_ROLLOUT:
-            self.roll_out(json.loads(payload)["tag"])
+        elif op == OP_ROLLOUT:  # seconds of loading and warming: not on the loop
+            threading.Thread(target=self.roll_out, args=(json.loads(payload)["tag"],), daemon=True,
+                             name="engine-rollout").start()
 
     def buffer(self, fields: tuple) -> memoryview:
         slot = fields[SLOT]
@@ -200,8 +232,8 @@ class Connection:
         return self.ring[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
 
     def infer(self, fields: tuple, combined: dict[str, list[Request]], want: str | None = None) -> None:
-        """Window images of a sub-millisecond model join `combined` (Combiner, inline.py); the rest
-        go to the model's queue and its inference thread, which answers each as it finishes."""
+        """Window images of a sub-millisecond model join `combined`, run at the end of the loop's round;
+        the rest go to the model's queue and its inference thread, which answers each as it finishes."""
         rid = fields[RID]
         try:
             buf = self.buffer(fields)
@@ -212,7 +244,7 @@ class Connection:
             if want is None:  # Engine.infer's rule: the graph's top-k head unless too short for k
                 want = "scores" if output == "topk" and k > worker.model.card.topk_k > 0 else output
             task = Task(self, fields, buf, x.nbytes, output, want, k)
-            if (name in self.server.combiners and output != "peaks" and len(x) <= worker.queue.max_items
+            if (name in self.engine.inline and output != "peaks" and len(x) <= worker.queue.max_items
                     and x.shape[1:] == worker.model.window_shape):
                 combined.setdefault(name, []).append(Request(x, Reply(task), time.perf_counter(), True,
                                                              want))
@@ -233,7 +265,10 @@ class Connection:
         """The inference thread's done-callback (or the canceller's): the answer out at once."""
         self.running.pop(task.fields[RID], None)
         if future.cancelled():
-            self.channel.send(error_record(task.fields[RID], "cancelled", "cancelled before it ran"))
+            try:
+                self.channel.send(error_record(task.fields[RID], "cancelled", "cancelled before it ran"))
+            except OSError:
+                pass  # the worker is gone (that is why it was cancelled)
         else:
             error = future.exception()
             self.answer(task, None if error else future.result(), error, self.channel.send)
@@ -252,8 +287,8 @@ class Connection:
                 elif output == "topk" and out[0].shape[1] < k:  # a shorter head rolled out meanwhile
                     combined: dict[str, list[Request]] = {}
                     self.infer(fields, combined, want="scores")
-                    for name, requests in combined.items():  # a combiner running here takes them next
-                        self.server.combiners[name].submit(requests)
+                    for name, requests in combined.items():  # only on the loop: run them now
+                        run_pending(self.engine.workers[name], requests)
                     return
                 if output == "topk":
                     out = (out[0][:, :k], out[1][:, :k])
@@ -280,20 +315,13 @@ class Connection:
         except Exception as e:  # noqa: BLE001 - the caller maps it (fronts/bento.py roll_out)
             kind = "NotFound" if type(e).__name__ == "NotFound" else "ValueError"
             answer = {"message": str(e)}
-        self.channel.send(record(OP_RESULT if kind is None else OP_ERROR,
-                                 payload=json.dumps({**answer, "type": kind}).encode()))
-        if kind is None:
-            self.server.choose_combiners()
-            self.server.broadcast_models()
-
-
-def send_answers(requests: list[Request]) -> None:
-    """After a Combiner's round: each connection's answers in one send."""
-    for channel in {request.future.task.connection.channel for request in requests}:
         try:
-            channel.flush()
+            self.channel.send(record(OP_RESULT if kind is None else OP_ERROR,
+                                     payload=json.dumps({**answer, "type": kind}).encode()))
         except OSError:
-            pass  # that worker is gone
+            log.warning("engine: the caller of a rollout of %s left before its answer", tag)
+        if kind is None:
+            self.server.broadcast_models()
 
 
 def watch_parent() -> None:
