@@ -147,10 +147,11 @@ def engine_process(e: dict) -> list[str]:
         lines.append(f"| {model} served, one engine process at 2 workers ÷ the best per-worker layout | "
                      f"≥ 1.0 | {process / top:.2f} ({process:g} vs {top:g} at {best}) | "
                      f"{_met(process >= top)} |")
-    lines += ["", "| model | layout | req/s (rounds) | p99 ms | mean batch |", "|---|---|---|---|---|"]
+    lines += ["", "| model | layout | req/s (rounds) | p99 ms | mean batch | failures |",
+              "|---|---|---|---|---|---|"]
     for model, layouts in e["served"].items():
         lines += [f"| {model} | {name} | {x['rps']:g} ({', '.join(f'{v:g}' for v in x['rounds_rps'])}) | "
-                  f"{x['p99_ms']:g} | {x['mean_batch']:g} |" for name, x in layouts.items()]
+                  f"{x['p99_ms']:g} | {x['mean_batch']:g} | {x['failures']} |" for name, x in layouts.items()]
     return lines
 
 

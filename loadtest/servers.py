@@ -57,7 +57,9 @@ class Server:
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def command(self) -> list[str]:
-        return [str(Path(sys.executable).with_name("bentoml")), "serve", "service.service:ConvServe",
+        cli = Path(sys.executable).with_name("bentoml")  # none beside python: a --target install (gpu.sh)
+        return [*([str(cli)] if cli.exists() else [sys.executable, "-m", "bentoml"]), "serve",
+                "service.service:ConvServe",
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
     def readiness(self, timeout: float = 120) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
@@ -76,6 +77,50 @@ def test_a_request_and_its_answer_cross_the_ring_as_records():
         a.close()
         b.close()
         r.close()
+
+
+def test_a_broken_connection_is_dropped_and_the_engine_serves_on(store, tmp_path, monkeypatch):
+    """One thread reads every worker's connection in the engine process: a connection that fails (here
+    its HELLO names a ring that is not there) is dropped alone, and a worker's requests are still
+    answered by the same process."""
+    from service.engine import RemoteEngine
+    from service.engine.remote import ModelView
+    from service.engine.store import read_card
+    from service.settings import Settings
+
+    monkeypatch.setenv("BENTOML_HOME", str(store))
+    monkeypatch.setenv("CONVSERVE_MODELS", "lenet5")
+    path = str(tmp_path / "cpu.sock")
+    with open(tmp_path / "engine.log", "w") as log:
+        process = subprocess.Popen([PYTHON, "-m", "service.engine.process", "--socket", path],
+                                   stdin=subprocess.PIPE, stderr=log, cwd=ROOT,
+                                   env={**os.environ, "CONVSERVE_WORKERS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.connect(path)
+            ring.Channel(bad).receive()  # the engine's greeting (MODELS)
+            bad.sendall(ring.record(ring.OP_HELLO, payload=json.dumps(
+                {"ring": "convserve-no-such-ring", "slot_bytes": 4096}).encode()))
+            bad.settimeout(30)
+            assert bad.recv(1 << 16) == b""  # dropped
+
+        async def ask() -> np.ndarray:
+            remote = RemoteEngine(path, Settings(), [ModelView(*read_card("lenet5"))])
+            try:
+                assert await asyncio.to_thread(remote.connected.wait, 60), "the engine is gone"
+                return await asyncio.wait_for(remote.infer("lenet5", np.zeros((3, 1, 28, 28), np.uint8)), 60)
+            finally:
+                remote.close()
+
+        assert asyncio.run(ask()).shape == (3, 10, 1, 1)
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+    assert "dropping a connection" in (tmp_path / "engine.log").read_text()
 
 
 def engines(srv: Server) -> list[psutil.Process]:
@@ -235,7 +280,7 @@ def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
     """The engine process's queue bound (CONVSERVE_MAX_QUEUE_MS, here 1 ms) sheds as the per-worker
     engine does: 503 `overloaded` with Retry-After at once, the rest answered, nothing else. LeNet goes
     through the queue and its inference thread here, as a model slower than CONVSERVE_INLINE_MAX_MS
-    would (at its 0.1 ms it is otherwise batched where it arrives, inline.Combiner, and never waits)."""
+    would (at its 0.1 ms it otherwise runs in the engine's loop, process.EngineServer, and never waits)."""
     many = [("image", (f"{i}.png", DIGITS[i % 4])) for i in range(32)]
     results: list[tuple[int, str, str]] = []
 
@@ -260,16 +305,16 @@ def test_overload_is_shed_with_retry_after_in_process_mode(store, tmp_path):
 
 
 def test_a_request_past_its_deadline_is_dropped_from_the_engine_queue_unrun(store, tmp_path):
-    """The gate's deadline (1 s) passes while the image waits in the engine process's queue (a 3 s
+    """The gate's deadline (1 s) passes while the image waits in the engine process's queue (a 4 s
     batch wait, LeNet on its inference thread): 504, the worker sends CANCEL, and the engine drops it at
     assembly: no batch runs for it. Then a full batch (4 images, max_batch_size) closes at once and is
     answered, alone in its batch."""
     with Server(store, tmp_path / "serve.log", workers=1, engine="process", models="lenet5",
-                inline_max_ms=0, batch_wait_ms=3000, timeout_s=1, max_batch_size=4,
+                inline_max_ms=0, batch_wait_ms=4000, timeout_s=1, max_batch_size=4,
                 max_queue_ms=60_000) as srv:  # not shed: only the CANCEL drops it
         late = httpx.post(f"{srv.url}/classify", files={"image": ("d.png", DIGITS[0])}, timeout=30)
         assert late.status_code == 504, late.text
-        time.sleep(3)  # past the batch wait: the engine has assembled whatever was queued
+        time.sleep(4)  # past the batch wait: the engine has assembled whatever was queued
         assert metric(srv.url, "convserve_batch_size_count") == 0  # nothing ran for it
         full = httpx.post(f"{srv.url}/v2/models/lenet5/infer", timeout=30, json={"inputs": [
             {"name": "pixels", "shape": [4, 1, 28, 28], "datatype": "UINT8", "data": [7] * 4 * 784}]})

@@ -67,6 +67,9 @@ from service.errors import Overloaded
 from service.settings import Settings
 
 log = logging.getLogger("convserve")
+# A worker that reads none of its answers for this long is dropped (its requests fail, it reconnects):
+# the loop sends with blocking sendall, and must not wait on one worker forever.
+SEND_TIMEOUT_S = 10.0
 
 
 def describe(engine: Engine) -> dict:
@@ -145,7 +148,13 @@ class EngineServer:
             for key, _ in self.selector.select():
                 if key.data is None:
                     self.accept(listener)
-                elif key.data.read(combined):
+                    continue
+                try:
+                    alive = key.data.read(combined)
+                except Exception:  # noqa: BLE001 - one worker's trouble must not stop the others' engine
+                    log.exception("engine: dropping a connection")
+                    alive = False
+                if alive:
                     readable.append(key.data)
                 else:
                     self.selector.unregister(key.fileobj)
@@ -153,18 +162,16 @@ class EngineServer:
             for name, requests in combined.items():
                 run_pending(self.engine.workers[name], requests)
             for connection in readable:
-                try:
-                    connection.channel.flush()
-                except OSError:
-                    pass  # that worker is gone: its next read says so
+                connection.flush()
 
     def accept(self, listener: socket.socket) -> None:
-        sock, _ = listener.accept()
-        connection = Connection(self, sock)
         try:
+            sock, _ = listener.accept()
+            sock.settimeout(SEND_TIMEOUT_S)
+            connection = Connection(self, sock)
             connection.channel.send(self.models_record())  # first thing a worker reads
-        except OSError:
-            sock.close()
+        except OSError as e:  # the caller left already, or out of file descriptors: the loop goes on
+            log.warning("engine: a connection could not be accepted: %s", e)
             return
         self.selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -176,10 +183,7 @@ class EngineServer:
         with self.lock:
             connections = list(self.connections)
         for connection in connections:
-            try:
-                connection.channel.send(data)
-            except OSError:
-                pass  # that worker is gone; the loop cleans up
+            connection.send(data)
 
 
 class Connection:
@@ -199,6 +203,26 @@ class Connection:
         for fields, payload in self.channel.parse(data):
             self.handle(fields, payload, combined)
         return bool(data)
+
+    def send(self, data: bytes) -> None:
+        """From any thread. A send that fails (the worker gone, or not reading for SEND_TIMEOUT_S)
+        may have left half a record: the connection is shut down, and the loop then drops it."""
+        try:
+            self.channel.send(data)
+        except OSError:
+            self.drop()
+
+    def flush(self) -> None:
+        try:
+            self.channel.flush()
+        except OSError:
+            self.drop()
+
+    def drop(self) -> None:
+        try:
+            self.channel.sock.shutdown(socket.SHUT_RDWR)  # the loop's next read sees the end
+        except OSError:
+            pass
 
     def close(self) -> None:
         """The worker is gone: its queued images are dropped, not run."""
@@ -252,11 +276,11 @@ class Connection:
             threshold = float(fields[THRESHOLD]) if output == "peaks" else None
             future = worker.queue.put(x, bool(fields[1] & FLAG_SHED), want, threshold)
         except Overloaded as e:
-            self.channel.send(error_record(rid, e.kind, e.message, e.retry_after))
+            self.send(error_record(rid, e.kind, e.message, e.retry_after))
             return
         except Exception as e:  # noqa: BLE001 - the worker hears of it, the connection lives on
             log.exception("engine: request %d refused", rid)
-            self.channel.send(error_record(rid, "internal", f"{type(e).__name__}: {e}"))
+            self.send(error_record(rid, "internal", f"{type(e).__name__}: {e}"))
             return
         self.running[rid] = future
         future.add_done_callback(lambda f: self.answered(task, f))
@@ -265,13 +289,10 @@ class Connection:
         """The inference thread's done-callback (or the canceller's): the answer out at once."""
         self.running.pop(task.fields[RID], None)
         if future.cancelled():
-            try:
-                self.channel.send(error_record(task.fields[RID], "cancelled", "cancelled before it ran"))
-            except OSError:
-                pass  # the worker is gone (that is why it was cancelled)
+            self.send(error_record(task.fields[RID], "cancelled", "cancelled before it ran"))
         else:
             error = future.exception()
-            self.answer(task, None if error else future.result(), error, self.channel.send)
+            self.answer(task, None if error else future.result(), error, self.send)
 
     def answer(self, task: Task, out, error: BaseException | None, send) -> None:
         """The answer into the slot, its record to `send`."""
@@ -287,8 +308,9 @@ class Connection:
                 elif output == "topk" and out[0].shape[1] < k:  # a shorter head rolled out meanwhile
                     combined: dict[str, list[Request]] = {}
                     self.infer(fields, combined, want="scores")
-                    for name, requests in combined.items():  # only on the loop: run them now
+                    for name, requests in combined.items():  # newly inline after a rollout: run them now
                         run_pending(self.engine.workers[name], requests)
+                    self.flush()  # on an inference thread nothing else would
                     return
                 if output == "topk":
                     out = (out[0][:, :k], out[1][:, :k])
@@ -315,11 +337,8 @@ class Connection:
         except Exception as e:  # noqa: BLE001 - the caller maps it (fronts/bento.py roll_out)
             kind = "NotFound" if type(e).__name__ == "NotFound" else "ValueError"
             answer = {"message": str(e)}
-        try:
-            self.channel.send(record(OP_RESULT if kind is None else OP_ERROR,
-                                     payload=json.dumps({**answer, "type": kind}).encode()))
-        except OSError:
-            log.warning("engine: the caller of a rollout of %s left before its answer", tag)
+        self.send(record(OP_RESULT if kind is None else OP_ERROR,
+                         payload=json.dumps({**answer, "type": kind}).encode()))
         if kind is None:
             self.server.broadcast_models()
 

@@ -267,7 +267,7 @@ class RemoteEngine:
 
     def _send_soon(self, channel: Channel, data: bytes) -> None:
         """The event loop's requests leave once per loop turn, together: one send for all, and the
-        engine reads them with one recv and runs them as one batch (inline.Combiner)."""
+        engine reads them with one recv and runs them as one batch (process.EngineServer)."""
         channel.queue(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
