@@ -153,11 +153,13 @@ def served_together(home: Path, bodies: dict[str, list[bytes]], rounds: int, sec
     each model, then one /score_map of a page_side² page of digits (its first round only warms).
     max_concurrency: the servers' admission per worker (0: their default, 64), which must admit
     `connections` at 1 worker, or wrk counts 429s (as failures, in its req/s)."""
+    from bench.datapath import page_png
+
     chosen = layouts_of(layouts)
     models = list(bodies) + (["digit-detector"] if page_side else [])
     results = {model: {name: [] for name in chosen} for model in bodies}
     pages: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
-    page = png(_page(page_side)) if page_side else b""
+    page = page_png(page_side) if page_side else b""
     servers = {}
     try:
         for name, settings in chosen.items():  # one at a time: each takes every core while it loads
@@ -178,22 +180,16 @@ def served_together(home: Path, bodies: dict[str, list[bytes]], rounds: int, sec
     finally:
         for srv in servers.values():
             srv.stop()
-    out_ = {model: {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2],
+    answer = {model: {name: {**sorted(rs, key=lambda x: x["rps"])[len(rs) // 2],
                            "rounds_rps": [x["rps"] for x in rs]} for name, rs in per.items()}
             for model, per in results.items()}
     if page_side:
-        out_["score_map"] = {name: {"page": f"{page_side}²", "png_bytes": len(page),
+        answer["score_map"] = {name: {"page": f"{page_side}²", "png_bytes": len(page),
                                     "end_to_end_ms": round(1e3 * statistics.median(w for w, _ in p[1:]), 1),
                                     "rounds_ms": [round(1e3 * w, 1) for w, _ in p[1:]],
                                     "model_ms": round(1e3 * statistics.median(m for _, m in p[1:]), 1)}
                              for name, p in pages.items()}
-    return out_
-
-
-def _page(side: int):
-    from bench.datapath import page_pixels
-
-    return page_pixels(side)[0, 0]
+    return answer
 
 
 def _score_map(url: str, page: bytes) -> tuple[float, float]:

@@ -100,14 +100,15 @@ class Reply:
         self.task, self._done = task, False
 
     def set_result(self, value) -> None:
-        self._done = True
-        connection = self.task.connection
-        connection.answer(self.task, value, None, connection.channel.queue)
+        self._answer(value, None)
 
     def set_exception(self, error: BaseException) -> None:
+        self._answer(None, error)
+
+    def _answer(self, value, error: BaseException | None) -> None:
         self._done = True
         connection = self.task.connection
-        connection.answer(self.task, None, error, connection.channel.queue)
+        connection.answer(self.task, value, error, connection.channel.queue)
 
     def done(self) -> bool:
         return self._done
@@ -319,9 +320,7 @@ class Connection:
                     data = record(OP_RESULT, rid=rid, a=arrays[0], b=arrays[1] if len(arrays) > 1 else None)
                 else:
                     data = error_record(rid, "internal", "the answer is larger than the request's slot")
-            send(data)
-        except OSError:
-            pass  # the worker is gone
+            send(data)  # neither way raises: Connection.send drops a failed connection, queue only appends
         except Exception:  # noqa: BLE001 - never let a callback kill the inference thread silently
             log.exception("engine: answering request %d failed", rid)
 
